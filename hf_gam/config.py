@@ -1,0 +1,149 @@
+"""``GAMConfig``: ``transformers.TrainingArguments`` plus the ``gam_*`` hyper-parameters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+GamMode = Literal["none", "sam", "gnp", "gam", "gam_sam", "gam_fast"]
+
+# Defaults that depend on the mode (applied in __post_init__ when the field is left at None).
+# gam_fast: the released code's CIFAR-100 ResNet setting (ρ=0.2, ρ'=0.02, β=0.5, α=0.6, γ=0.03).
+# exact GAM / gnp: the paper's CIFAR-10 setting (App. C.5: ρ=0.04, α=0.1). sam: Foret et al.'s ρ=0.05.
+MODE_DEFAULTS: dict[str, dict[str, float]] = {
+    "none": {"gam_rho": 0.04, "gam_alpha": 0.1},
+    "sam": {"gam_rho": 0.05, "gam_alpha": 0.1},
+    "gnp": {"gam_rho": 0.04, "gam_alpha": 0.1},
+    "gam": {"gam_rho": 0.04, "gam_alpha": 0.1},
+    "gam_sam": {"gam_rho": 0.04, "gam_alpha": 0.1},
+    "gam_fast": {"gam_rho": 0.2, "gam_alpha": 0.6},
+}
+
+
+@dataclass
+class GAMConfig(TrainingArguments):
+    r"""
+    Configuration of [`GAMTrainer`]: every field of `transformers.TrainingArguments` plus the hyper-parameters of
+    Gradient-norm Aware Minimization (Zhang et al., CVPR 2023) and its relatives. Symbols are the paper's.
+
+    Parameters:
+        gam_mode (`str`, *optional*, defaults to `"gam"`):
+            Update rule: `"none"` (plain gradient, identical to `Trainer`), `"sam"` (SAM), `"gnp"` (gradient-norm
+            penalty, GAM without the ascent), `"gam"` (Algorithm 1, exact Hessian-vector products), `"gam_sam"` (GAM
+            with SAM's gradient as oracle) or `"gam_fast"` (Algorithm 2, four first-order passes).
+        gam_rho (`float` or `None`, *optional*, defaults to `None`):
+            ρ, radius of the ascent on the gradient norm. `None` takes the mode's default: 0.2 for `gam_fast` (the
+            released code), 0.05 for `sam`, 0.04 otherwise (paper, CIFAR-10).
+        gam_alpha (`float` or `None`, *optional*, defaults to `None`):
+            α, weight of the first-order flatness term (Algorithm 1) or of `g1` in `h+` (Algorithm 2). `None`: 0.6
+            for `gam_fast` (released code, CIFAR-100), 0.1 otherwise (paper App. C.5).
+        sam_rho (`float` or `None`, *optional*, defaults to `None`):
+            ρ of the SAM oracle (`sam`, `gam_sam`); `None` means equal to `gam_rho`.
+        gam_rho_prime (`float`, *optional*, defaults to `0.02`):
+            ρ' of Algorithm 2 (`gam_fast`), the radius of its SAM-like ascent steps.
+        gam_beta (`float`, *optional*, defaults to `0.5`):
+            β of Algorithm 2, weight of `g0` in `h-`.
+        gam_gamma (`float`, *optional*, defaults to `0.03`):
+            γ of Algorithm 2, weight of the orthogonal part of `h-` subtracted from `h+`.
+        gam_fast_variant (`str`, *optional*, defaults to `"paper"`):
+            `h-` of Algorithm 2: `"paper"` is Eq. 45, `β g0 + (1-β) g2`; `"official"` is what the released code
+            computes, `g0 + |1-β| g2`.
+        gam_eps (`float`, *optional*, defaults to `1e-12`):
+            ξ, the small constant added to every norm that is divided by.
+        gam_adaptive (`bool`, *optional*, defaults to `False`):
+            ASAM-style ascent steps `θ + r T² v/(‖T v‖+ξ)` with `T = |θ|`.
+        gam_every (`int`, *optional*, defaults to `1`):
+            Apply the mode on optimizer steps `t` with `t % gam_every == 0` only; the others use the plain gradient
+            (paper Table 7: 10 keeps most of the gain at about 1.3x the cost).
+        gam_perturbation (`str`, *optional*, defaults to `"local"`):
+            `"local"`: every micro-batch on every process computes its own direction and the step's gradient is their
+            mean (SAM's m-sharpness; what the released code does per GPU). `"global"`: every pass runs over the whole
+            global batch, so the result does not depend on world size or accumulation split.
+    """
+
+    gam_mode: GamMode = field(
+        default="gam",
+        metadata={"help": "Update rule: none | sam | gnp | gam (Algorithm 1) | gam_sam | gam_fast (Algorithm 2)."},
+    )
+    gam_rho: float | None = field(
+        default=None,
+        metadata={"help": "ρ (rho): radius of the ascent on the gradient norm. Default by mode: gam_fast 0.2, "
+                  "sam 0.05, otherwise 0.04."},
+    )
+    gam_alpha: float | None = field(
+        default=None,
+        metadata={"help": "α (alpha): weight of the first-order flatness term (Alg. 1) or of g1 in h+ (Alg. 2). "
+                  "Default by mode: gam_fast 0.6, otherwise 0.1."},
+    )
+    sam_rho: float | None = field(
+        default=None, metadata={"help": "ρs: radius of the SAM oracle (modes sam, gam_sam); default: gam_rho."}
+    )
+    gam_rho_prime: float = field(
+        default=0.02, metadata={"help": "ρ' (rho prime): radius of Algorithm 2's SAM-like steps (gam_fast)."}
+    )
+    gam_beta: float = field(default=0.5, metadata={"help": "β (beta): weight of g0 in h- (gam_fast), in [0, 1]."})
+    gam_gamma: float = field(
+        default=0.03, metadata={"help": "γ (gamma): weight of the orthogonal part of h- (gam_fast), >= 0."}
+    )
+    gam_fast_variant: Literal["paper", "official"] = field(
+        default="paper",
+        metadata={"help": "h- of Algorithm 2: paper = β g0 + (1-β) g2 (Eq. 45); official = g0 + |1-β| g2 "
+                  "(released code)."},
+    )
+    gam_eps: float = field(default=1e-12, metadata={"help": "ξ (xi): small constant added to divided norms."})
+    gam_adaptive: bool = field(
+        default=False, metadata={"help": "ASAM-style ascent steps θ + r T²v/(‖Tv‖+ξ), T = |θ|."}
+    )
+    gam_every: int = field(
+        default=1, metadata={"help": "Apply the mode on optimizer steps t with t %% gam_every == 0; plain otherwise."}
+    )
+    gam_perturbation: Literal["local", "global"] = field(
+        default="local",
+        metadata={"help": "local: each micro-batch perturbs with its own gradient, directions averaged; global: "
+                  "every pass over the whole global batch."},
+    )
+
+    def __post_init__(self):
+        self._validate_gam()
+        defaults = MODE_DEFAULTS[self.gam_mode]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.sam_rho is None:
+            self.sam_rho = self.gam_rho
+        super().__post_init__()
+
+    def _validate_gam(self) -> None:
+        """Raise ``ValueError`` naming the field and the value for every out-of-range ``gam_*`` setting."""
+        choices = {
+            "gam_mode": tuple(MODE_DEFAULTS),
+            "gam_fast_variant": ("paper", "official"),
+            "gam_perturbation": ("local", "global"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+        def check(name: str, ok, rule: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{name} must be {rule}; got {value!r}")
+
+        check("gam_rho", lambda v: v >= 0, "a finite number >= 0", optional=True)
+        check("sam_rho", lambda v: v >= 0, "a finite number >= 0", optional=True)
+        check("gam_rho_prime", lambda v: v >= 0, "a finite number >= 0")
+        check("gam_gamma", lambda v: v >= 0, "a finite number >= 0")
+        check("gam_beta", lambda v: 0 <= v <= 1, "in [0, 1]")
+        check("gam_eps", lambda v: v >= 0, "a finite number >= 0")
+        if self.gam_mode == "gam_fast":
+            check("gam_alpha", lambda v: 0 <= v <= 1, "in [0, 1] for gam_fast (paper Eq. 44)", optional=True)
+        else:
+            check("gam_alpha", lambda v: v >= 0, "a finite number >= 0", optional=True)
+        if isinstance(self.gam_every, bool) or not isinstance(self.gam_every, int) or self.gam_every < 1:
+            raise ValueError(f"gam_every must be an integer >= 1; got {self.gam_every!r}")

@@ -1,0 +1,178 @@
+"""Pure tensor math of GAM and its SAM relatives, on lists of tensors.
+
+Every function here takes and returns lists of tensors (one per trainable parameter) and knows nothing about the
+Trainer, accelerate, processes or I/O. Names follow the paper (Zhang et al., "Gradient Norm Aware Minimization Seeks
+First-Order Flatness and Improves Generalization", CVPR 2023): ``rho`` (ρ), ``rho_prime`` (ρ'), ``alpha`` (α),
+``beta`` (β), ``gamma`` (γ), ``eps`` (ξ), ``g0..g3`` and ``h_plus`` / ``h_minus`` of Algorithm 2.
+
+The kernels are ``torch._foreach_*`` (one launch per op for the whole list) where one exists; the tests check them
+against a plain per-tensor loop in float64.
+
+The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.directions`; they call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+TensorList = list[Tensor]
+
+__all__ = [
+    "global_norm",
+    "dot",
+    "ascent_step",
+    "add_",
+    "copy_",
+    "axpy",
+    "hvp",
+    "gam_combine",
+    "decompose",
+    "h_plus_",
+    "h_minus_",
+    "fast_gam_final_",
+    "fast_gam_combine",
+    "weights_restored",
+]
+
+
+def global_norm(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None = None) -> Tensor:
+    """L2 norm of all ``tensors`` taken together, ``‖v‖``; with ``weights`` the norm of ``|weights| * v`` (ASAM's
+    ``‖T·v‖``). Returns a 0-dim tensor in the dtype of the first tensor (float32 at least, so bf16 norms do not
+    round the threshold), on its device."""
+    if weights is not None:
+        tensors = torch._foreach_mul(torch._foreach_abs(list(weights)), list(tensors))
+    if len(tensors) == 0:
+        raise ValueError("global_norm needs at least one tensor")
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    norms = torch._foreach_norm(list(tensors))
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Inner product ``<a, b>`` over all tensors together (a 0-dim tensor)."""
+    dtype = torch.promote_types(a[0].dtype, torch.float32)
+    return sum((torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b, strict=True)),
+               start=torch.zeros((), dtype=dtype, device=a[0].device))
+
+
+def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None) -> TensorList:
+    """The perturbation ``e`` of an ascent step ``θ + e`` along ``v`` with radius ``rho``.
+
+    Plain: ``e = rho * v / (‖v‖ + eps)``. Adaptive (ASAM, ``weights`` = the current weights θ, ``T = |θ|``):
+    ``e = rho * T² v / (‖T v‖ + eps)``. A new list is returned; ``v`` is not modified.
+    """
+    norm = global_norm(v, weights)
+    scale = rho / (norm + eps)
+    if weights is None:
+        return torch._foreach_mul(list(v), scale.to(v[0].dtype))
+    t2 = torch._foreach_mul(list(weights), list(weights))
+    torch._foreach_mul_(t2, list(v))
+    torch._foreach_mul_(t2, scale.to(v[0].dtype))
+    return t2
+
+
+def add_(params: Sequence[Tensor], e: Sequence[Tensor]) -> None:
+    """``params += e`` in place (one foreach kernel)."""
+    with torch.no_grad():
+        torch._foreach_add_(list(params), list(e))
+
+
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[:] = src`` in place, bit for bit."""
+    with torch.no_grad():
+        torch._foreach_copy_(list(dst), list(src))
+
+
+def axpy(y: Sequence[Tensor], a: float | Tensor, x: Sequence[Tensor]) -> TensorList:
+    """``y + a * x`` as a new list (``a`` a Python number or a 0-dim tensor)."""
+    if isinstance(a, Tensor):
+        return torch._foreach_add(list(y), torch._foreach_mul(list(x), a.to(x[0].dtype)))
+    return torch._foreach_add(list(y), list(x), alpha=a)
+
+
+def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> TensorList:
+    """Exact Hessian-vector product ``H v`` by double backward: ``∇_θ <g(θ), v>``.
+
+    ``grads`` must come from ``torch.autograd.grad(loss, params, create_graph=True)`` (never from
+    ``backward(create_graph=True)``, which leaks through a parameter-gradient cycle); ``v`` is treated as a constant.
+    Parameters whose gradient is constant (no second-order path) get an exact zero. The graph is freed.
+    """
+    idx = [i for i, g in enumerate(grads) if g.requires_grad]
+    out = [torch.zeros_like(p) for p in params]
+    if idx:
+        parts = torch.autograd.grad(
+            [grads[i] for i in idx], list(params), grad_outputs=[v[i].detach() for i in idx],
+            allow_unused=True, materialize_grads=True,
+        )
+        out = [p.detach() for p in parts]
+    return out
+
+
+def gam_combine(g: Sequence[Tensor], h: Sequence[Tensor], alpha: float) -> TensorList:
+    """Algorithm 1's direction ``d = g + alpha * h`` (``h`` already carries its factor ρ)."""
+    return axpy(g, alpha, h)
+
+
+def decompose(h_minus: Sequence[Tensor], h_plus: Sequence[Tensor], eps: float) -> tuple[TensorList, TensorList]:
+    """Split ``h_minus`` into the parts parallel and orthogonal to ``h_plus`` (Algorithm 2, line 15):
+    ``h_par = (<h-, h+> / (‖h+‖² + eps)) h+`` and ``h_perp = h- - h_par``."""
+    coef = dot(h_minus, h_plus) / (global_norm(h_plus) ** 2 + eps)
+    par = torch._foreach_mul(list(h_plus), coef.to(h_plus[0].dtype))
+    perp = torch._foreach_sub(list(h_minus), par)
+    return par, perp
+
+
+def h_plus_(g1: list[Tensor], g3: Sequence[Tensor], alpha: float) -> list[Tensor]:
+    """``h+ = α g1 + (1-α) g3`` (Eq. 45), built in ``g1``'s storage and returned."""
+    torch._foreach_mul_(g1, alpha)
+    torch._foreach_add_(g1, list(g3), alpha=1.0 - alpha)
+    return g1
+
+
+def h_minus_(g0: list[Tensor], g2: Sequence[Tensor], beta: float, variant: str = "paper") -> list[Tensor]:
+    """``h- = β g0 + (1-β) g2`` (``variant="paper"``, Eq. 45) or ``h- = g0 + |1-β| g2`` (``variant="official"``, the
+    released code's rule), built in ``g0``'s storage and returned."""
+    if variant == "paper":
+        torch._foreach_mul_(g0, beta)
+        torch._foreach_add_(g0, list(g2), alpha=1.0 - beta)
+    elif variant == "official":
+        torch._foreach_add_(g0, list(g2), alpha=abs(1.0 - beta))
+    else:
+        raise ValueError(f"gam_fast_variant must be 'paper' or 'official', got {variant!r}")
+    return g0
+
+
+def fast_gam_final_(h_plus: list[Tensor], h_minus: Sequence[Tensor], gamma: float, eps: float) -> list[Tensor]:
+    """``d = h+ - γ h-⊥`` (Algorithm 2, line 16), built in ``h_plus``'s storage and returned."""
+    coef = dot(h_minus, h_plus) / (global_norm(h_plus) ** 2 + eps)
+    # h-⊥ = h- - coef h+  =>  d = h+ - γ h- + γ coef h+ = (1 + γ coef) h+ - γ h-
+    torch._foreach_mul_(h_plus, (1.0 + gamma * coef).to(h_plus[0].dtype))
+    torch._foreach_add_(h_plus, list(h_minus), alpha=-gamma)
+    return h_plus
+
+
+def fast_gam_combine(
+    g0: Sequence[Tensor], g1: Sequence[Tensor], g2: Sequence[Tensor], g3: Sequence[Tensor], *,
+    alpha: float, beta: float, gamma: float, eps: float, variant: str = "paper",
+) -> TensorList:
+    """Algorithm 2's direction from its four gradients (inputs untouched): ``h+ = α g1 + (1-α) g3``;
+    ``h-`` by :func:`h_minus_`; ``d = h+ - γ h-⊥`` with ``h-⊥`` the part of ``h-`` orthogonal to ``h+``."""
+    h_plus = h_plus_(torch._foreach_mul(list(g1), 1.0), g3, alpha)
+    h_minus = h_minus_(torch._foreach_mul(list(g0), 1.0), g2, beta, variant)
+    return fast_gam_final_(h_plus, h_minus, gamma, eps)
+
+
+@contextmanager
+def weights_restored(params: Sequence[Tensor]):
+    """Keep a copy of ``params`` and copy it back on exit, also when the body raises: the weights are bit-for-bit
+    what they were (``θ + e - e`` is not ``θ`` in floating point). Yields the copy (read-only by contract)."""
+    with torch.no_grad():
+        backup = [p.detach().clone() for p in params]
+    try:
+        yield backup
+    finally:
+        copy_(params, backup)
