@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -23,7 +24,7 @@ from . import functional as F
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["second_order_context", "BatchNormGuard", "MicroBatchOracle", "compute_direction"]
+__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction"]
 
 
 def second_order_context() -> contextlib.AbstractContextManager:
@@ -57,50 +58,125 @@ class BatchNormGuard:
                     b.copy_(s)
 
 
-class MicroBatchOracle:
-    """Gradient oracles over one micro-batch (``loss_fn`` = its mean loss at the current weights).
+class WindowOracle:
+    """Gradient oracles over the micro-batches ``batches`` of this process and, with ``reduce=True`` in a
+    multi-process run, over those of every process: the loss is the item-weighted mean
+    ``Σ n_i L_i / Σ n_i`` (``n_i = count_fn(batch_i)``, ``L_i = loss_fn(batch_i)`` the mean loss of micro-batch
+    ``i`` at the current weights), its gradient and HVPs are summed with one all-reduce per oracle call, so every
+    process gets the same values whatever the world size and accumulation split.
 
-    The first pass is the clean one: it may update BatchNorm statistics; the statistics it leaves are snapshotted
-    and every later pass's changes are undone by :meth:`close` (the caller's ``finally``). ``pass_context`` wraps
-    every pass (e.g. ``accelerator.no_sync(model)``). ``passes`` counts the forward passes run.
+    With one micro-batch and no reduction (:class:`MicroBatchOracle`) an HVP costs one pass; otherwise the
+    gradient that defines ``v`` must be complete before any HVP, so an HVP point costs a gradient sweep and a
+    graph-building sweep.
+
+    The first call is the clean pass: it may update BatchNorm statistics; the statistics it leaves are snapshotted
+    and later passes' changes are undone by :meth:`close` (call it in a ``finally``). ``pass_context`` wraps every
+    pass (e.g. ``accelerator.no_sync(model)``). ``passes`` counts the forward passes run.
     """
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], batches: Sequence, loss_fn: Callable,
+                 count_fn: Callable | None = None, *, reduce: bool = True,
                  pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.params = list(params)
+        self.batches = list(batches)
         self.loss_fn = loss_fn
         self.pass_context = pass_context
+        self.reduce = reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.weights: list[Tensor] | None = None
+        if self.reduce or len(self.batches) > 1:
+            counts = torch.stack([torch.as_tensor(count_fn(b)).double().cpu() for b in self.batches])
+            total = counts.sum()
+            if self.reduce:
+                total = self._all_reduce([total.to(self._device)])[0].cpu()
+            self.weights = list(counts / total)
         self.bn = BatchNormGuard(model)
         self.bn.snapshot()  # pre-step statistics: restored if the clean pass itself fails
         self.passes = 0
         self._clean_done = False
 
-    def _after_pass(self) -> None:
-        self.passes += 1
+    @property
+    def _device(self) -> torch.device:
+        return self.params[0].device
+
+    @staticmethod
+    def _all_reduce(tensors: list[Tensor]) -> list[Tensor]:
+        flat = torch.cat([t.reshape(-1).double() for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i:i + t.numel()].view_as(t).to(t.dtype))
+            i += t.numel()
+        return out
+
+    def _after_call(self) -> None:
         if not self._clean_done:
             self._clean_done = True
             self.bn.snapshot()  # statistics after the clean pass: what the step keeps
 
+    def _combine(self, loss_parts: list[Tensor], parts: list[list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
+        """Item-weighted sum of per-micro-batch values, all-reduced when ``reduce``."""
+        if self.weights is None:
+            return loss_parts[0], parts[0]
+        loss = sum(w.to(l.dtype) * l for w, l in zip(self.weights, loss_parts))
+        total = torch._foreach_mul(parts[0], self.weights[0].to(parts[0][0].dtype))
+        for w, part in zip(self.weights[1:], parts[1:]):
+            torch._foreach_add_(total, torch._foreach_mul(part, w.to(part[0].dtype)))
+        if self.reduce:
+            reduced = self._all_reduce([loss.reshape(1), *total])
+            loss, total = reduced[0].reshape(()), reduced[1:]
+        return loss, total
+
+    def _pass(self, batch, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+        self.passes += 1
+        loss = self.loss_fn(batch)
+        g = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True,
+                                materialize_grads=True)
+        return loss, g
+
     def grad(self) -> tuple[Tensor, list[Tensor]]:
-        with self.pass_context():
-            loss = self.loss_fn()
-            g = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
-        self._after_pass()
-        return loss.detach(), list(g)
+        losses, grads = [], []
+        for batch in self.batches:
+            with self.pass_context():
+                loss, g = self._pass(batch, create_graph=False)
+            losses.append(loss.detach())
+            grads.append(list(g))
+        out = self._combine(losses, grads)
+        self._after_call()
+        return out
 
     def grad_hvp(self, v_fn: Callable[[list[Tensor]], list[Tensor]]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        with self.pass_context(), second_order_context():
-            loss = self.loss_fn()
-            g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
-            g_detached = [x.detach() for x in g]
-            hv = F.hvp(g, self.params, v_fn(g_detached))
-            del g
-        self._after_pass()
-        return loss.detach(), g_detached, hv
+        if self.weights is None:  # one micro-batch, no reduction: gradient and HVP from one graph
+            with self.pass_context(), second_order_context():
+                loss, g = self._pass(self.batches[0], create_graph=True)
+                g_detached = [x.detach() for x in g]
+                hv = F.hvp(g, self.params, v_fn(g_detached))
+                del g
+            self._after_call()
+            return loss.detach(), g_detached, hv
+        loss, g = self.grad()
+        v = v_fn(g)
+        losses, hvs = [], []
+        for batch in self.batches:
+            with self.pass_context(), second_order_context():
+                loss_i, g_i = self._pass(batch, create_graph=True)
+                hvs.append(F.hvp(g_i, self.params, v))
+                losses.append(loss_i.detach())
+                del g_i
+        _, hv = self._combine(losses, hvs)
+        return loss, g, hv
 
     def close(self) -> None:
         """Put back the BatchNorm statistics of the clean pass (or of before the step, if it never finished)."""
         self.bn.restore()
+
+
+class MicroBatchOracle(WindowOracle):
+    """Oracles over one micro-batch on this process only (``gam_perturbation="local"``): ``loss_fn()`` is its mean
+    loss at the current weights."""
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+                 pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        super().__init__(model, params, [None], lambda _: loss_fn(), reduce=False, pass_context=pass_context)
 
 
 def compute_direction(args, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
