@@ -24,7 +24,7 @@ from . import functional as F
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction"]
+__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
 
 
 def second_order_context() -> contextlib.AbstractContextManager:
@@ -40,22 +40,21 @@ class BatchNormGuard:
     def __init__(self, model: nn.Module):
         self.modules = [m for m in model.modules()
                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
-        self._saved: list[list[Tensor]] | None = None
 
-    def _buffers(self, m: nn.Module) -> list[Tensor]:
-        return [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    def _buffers(self) -> list[Tensor]:
+        return [b for m in self.modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                if b is not None]
 
-    def snapshot(self) -> None:
+    def snapshot(self) -> list[Tensor]:
         with torch.no_grad():
-            self._saved = [[b.clone() for b in self._buffers(m)] for m in self.modules]
+            return [b.clone() for b in self._buffers()]
 
-    def restore(self) -> None:
-        if self._saved is None:
+    def restore(self, saved: list[Tensor] | None) -> None:
+        if saved is None:
             return
         with torch.no_grad():
-            for m, saved in zip(self.modules, self._saved):
-                for b, s in zip(self._buffers(m), saved):
-                    b.copy_(s)
+            for b, s in zip(self._buffers(), saved):
+                b.copy_(s)
 
 
 class WindowOracle:
@@ -70,7 +69,8 @@ class WindowOracle:
     graph-building sweep.
 
     The first call is the clean pass: it may update BatchNorm statistics; the statistics it leaves are snapshotted
-    and later passes' changes are undone by :meth:`close` (call it in a ``finally``). ``pass_context`` wraps every
+    and later passes' changes are undone by :meth:`close` (call it in a ``finally``; after a failure it puts back
+    the statistics of before the step). ``pass_context`` wraps every
     pass (e.g. ``accelerator.no_sync(model)``). ``passes`` counts the forward passes run.
     """
 
@@ -90,9 +90,9 @@ class WindowOracle:
                 total = self._all_reduce([total.to(self._device)])[0].cpu()
             self.weights = list(counts / total)
         self.bn = BatchNormGuard(model)
-        self.bn.snapshot()  # pre-step statistics: restored if the clean pass itself fails
+        self._bn_before = self.bn.snapshot()  # pre-step statistics: put back if the step fails
+        self._bn_clean: list[Tensor] | None = None  # after the clean pass: what a successful step keeps
         self.passes = 0
-        self._clean_done = False
 
     @property
     def _device(self) -> torch.device:
@@ -109,9 +109,8 @@ class WindowOracle:
         return out
 
     def _after_call(self) -> None:
-        if not self._clean_done:
-            self._clean_done = True
-            self.bn.snapshot()  # statistics after the clean pass: what the step keeps
+        if self._bn_clean is None:
+            self._bn_clean = self.bn.snapshot()
 
     def _combine(self, loss_parts: list[Tensor], parts: list[list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
         """Item-weighted sum of per-micro-batch values, all-reduced when ``reduce``."""
@@ -165,9 +164,9 @@ class WindowOracle:
         _, hv = self._combine(losses, hvs)
         return loss, g, hv
 
-    def close(self) -> None:
-        """Put back the BatchNorm statistics of the clean pass (or of before the step, if it never finished)."""
-        self.bn.restore()
+    def close(self, failed: bool = False) -> None:
+        """Put back the BatchNorm statistics the clean pass left, or those of before the step when it ``failed``."""
+        self.bn.restore(self._bn_before if failed or self._bn_clean is None else self._bn_clean)
 
 
 class MicroBatchOracle(WindowOracle):
@@ -200,3 +199,15 @@ def compute_direction(args, params: Sequence[Tensor], oracle) -> tuple[list[Tens
                                     alpha=args.gam_alpha, beta=args.gam_beta, gamma=args.gam_gamma,
                                     variant=args.gam_fast_variant, adaptive=args.gam_adaptive, **common)
     raise ValueError(f"gam_mode must be one of {', '.join(D.MODES)}; got {mode!r}")
+
+
+def run_passes(args, params: Sequence[Tensor], oracle: WindowOracle) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """:func:`compute_direction`, then the oracle's BatchNorm clean-up: the clean pass's statistics on success,
+    the pre-step ones when a pass raises (the weights are restored by the direction functions either way)."""
+    try:
+        out = compute_direction(args, params, oracle)
+    except BaseException:
+        oracle.close(failed=True)
+        raise
+    oracle.close()
+    return out

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from .config import GAMConfig
 from .directions import MODES
-from .passes import MicroBatchOracle, WindowOracle, compute_direction
+from .passes import MicroBatchOracle, WindowOracle, run_passes
 
 __all__ = ["GAMTrainer"]
 
@@ -132,10 +132,7 @@ class GAMTrainer(Trainer):
             return self._global_step(model, params, inputs)
         oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs),
                                   pass_context=lambda: self.accelerator.no_sync(model))
-        try:
-            d, stats = compute_direction(self.args, params, oracle)
-        finally:
-            oracle.close()
+        d, stats = run_passes(self.args, params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         self._accumulate_grad(params, d, weight)
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
@@ -152,10 +149,7 @@ class GAMTrainer(Trainer):
         window, self._gam_window = self._gam_window, []
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
                               pass_context=lambda: self.accelerator.no_sync(model))
-        try:
-            d, stats = compute_direction(self.args, params, oracle)
-        finally:
-            oracle.close()
+        d, stats = run_passes(self.args, params, oracle)
         self._accumulate_grad(params, d, torch.tensor(1.0, dtype=torch.float64))
         self._record(stats)
         return stats["loss"].to(self.args.device, torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import ImageClassifierOutput
 
 
@@ -37,7 +38,7 @@ class TinyMLP(PreTrainedModel):
         logits = self.fc2(torch.tanh(self.bn(self.fc1(pixel_values))))
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
+            loss = ForSequenceClassificationLoss(labels, logits, self.config, **kwargs)
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 

@@ -1,0 +1,186 @@
+"""GAMTrainer as glue: bit-exact `none`, real model families, failure safety, BatchNorm, logs, flops."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _tiny import TensorDataset, tiny_data, tiny_model
+from test_step_numerics import HP, sgd_args
+from transformers import (
+    EfficientNetConfig,
+    EfficientNetForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    Trainer,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_gam import GAMConfig, GAMTrainer
+from hf_gam.directions import MODES
+
+ALL_MODES = list(MODES)
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=32, num_labels=3))
+
+
+def tiny_swin(seed=0):
+    torch.manual_seed(seed)
+    return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
+                                                 num_heads=[1, 2], window_size=2, num_labels=3))
+
+
+def tiny_efficientnet(seed=0):
+    torch.manual_seed(seed)
+    return EfficientNetForImageClassification(EfficientNetConfig(
+        image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, num_labels=3))
+
+
+def tiny_timm(seed=0):
+    torch.manual_seed(seed)
+    return TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_efficientnet", num_labels=3))
+
+
+FAMILIES = {"vit": tiny_vit, "swin": tiny_swin, "efficientnet": tiny_efficientnet, "timm": tiny_timm}
+
+
+def image_data(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def bn_buffers(model):
+    return [b.detach().clone() for n, b in model.named_buffers() if "running" in n or "num_batches" in n]
+
+
+def train_args(tmp_path, cls=GAMConfig, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                learning_rate=0.1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                logging_steps=1, seed=0)
+    base.update(kw)
+    return cls(**base)
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model(dtype=torch.float32), tiny_vit], ids=["mlp", "vit"])
+def test_none_is_trainer_bit_for_bit(tmp_path, make):
+    data = tiny_data(dtype=torch.float32) if make().config.model_type.startswith("hf-gam") else image_data(16)
+    ref_model, gam_model = make(), make()
+    ref = Trainer(model=ref_model, args=train_args(tmp_path / "r", TrainingArguments), train_dataset=data)
+    gam = GAMTrainer(model=gam_model, args=train_args(tmp_path / "g", gam_mode="none"), train_dataset=data)
+    ref.train()
+    gam.train()
+    for a, b in zip(ref_model.parameters(), gam_model.parameters()):
+        assert torch.equal(a, b)
+    ref_losses = [h["loss"] for h in ref.state.log_history if "loss" in h]
+    assert ref_losses == [h["loss"] for h in gam.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_one_step_every_family_and_mode(tmp_path, family, mode):
+    model = FAMILIES[family]()
+    before = params_of(model)
+    trainer = GAMTrainer(model=model, args=train_args(tmp_path, gam_mode=mode, max_steps=1,
+                                                      gradient_accumulation_steps=1), train_dataset=image_data(4))
+    trainer.train()
+    after = params_of(model)
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    logs = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert (mode == "none") == ("gam/grad_norm" not in logs)
+
+
+def test_efficientnet_loss_normalized_like_every_model(tmp_path):
+    """EfficientNet's own loss ignores num_items_in_batch (so the stock Trainer's gradients are 2x under
+    accumulation 2); GAMTrainer's loss is sum / num_items_in_batch for it as for ViT."""
+    model = tiny_efficientnet().eval()  # running statistics: the same logits in every call
+    batch = {"pixel_values": image_data(4).x, "labels": image_data(4).y}
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits,
+                                                     batch["labels"], reduction="sum") / 8
+        stock = Trainer(model=model, args=train_args(tmp_path / "s", TrainingArguments))
+        gam = GAMTrainer(model=model, args=train_args(tmp_path / "g", gam_mode="none"))
+        stock_loss = stock.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(8))
+        gam_loss = gam.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(8))
+    torch.testing.assert_close(gam_loss, expected)
+    torch.testing.assert_close(stock_loss, 2 * expected)  # the trap this override removes
+
+
+class FailingTrainer(GAMTrainer):
+    """Raises inside the ``fail_at``-th pass of a step (1 = the clean pass)."""
+
+    fail_at = 1
+
+    def _mean_loss(self, model, inputs):
+        self.calls = getattr(self, "calls", 0) + 1
+        loss = super()._mean_loss(model, inputs)
+        if self.calls == self.fail_at:
+            raise RuntimeError(f"injected failure in pass {self.calls}")
+        return loss
+
+
+PASS_COUNTS = {"sam": 2, "gnp": 1, "gam": 2, "gam_sam": 3, "gam_fast": 4}
+
+
+@pytest.mark.parametrize("mode,fail_at", [(m, k) for m, n in PASS_COUNTS.items() for k in range(1, n + 1)])
+def test_weights_and_bn_restored_after_failure(tmp_path, mode, fail_at):
+    model = tiny_model(batchnorm=True)
+    trainer = FailingTrainer(model=model, args=sgd_args(tmp_path, gam_mode=mode, **HP), train_dataset=tiny_data())
+    trainer.fail_at = fail_at
+    batch = {"pixel_values": tiny_data().x, "labels": tiny_data().y}
+    weights, stats = params_of(model), bn_buffers(model)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.training_step(model, batch, num_items_in_batch=torch.tensor(16))
+    assert all(torch.equal(a, b) for a, b in zip(weights, params_of(model)))
+    assert all(torch.equal(a, b) for a, b in zip(stats, bn_buffers(model)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", [m for m in ALL_MODES if m != "none"])
+def test_bn_statistics_come_from_clean_pass_only(tmp_path, mode):
+    model = tiny_model(batchnorm=True)
+    clean = copy.deepcopy(model).train()
+    batch = {"pixel_values": tiny_data().x, "labels": tiny_data().y}
+    with torch.no_grad():
+        clean(pixel_values=batch["pixel_values"])  # one train-mode forward: what the statistics should become
+    trainer = GAMTrainer(model=model, args=sgd_args(tmp_path, gam_mode=mode, **HP), train_dataset=tiny_data())
+    weights = params_of(model)
+    trainer.training_step(model, batch, num_items_in_batch=torch.tensor(16))
+    for a, b in zip(bn_buffers(clean), bn_buffers(model)):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(weights, params_of(model)))  # the step leaves θ clean
+
+
+def test_logs_and_flops(tmp_path):
+    trainer = GAMTrainer(model=tiny_vit(), args=train_args(tmp_path, gam_mode="gam", max_steps=2, gam_every=2),
+                         train_dataset=image_data(16))
+    trainer.train()
+    first, second = [h for h in trainer.state.log_history if "loss" in h][:2]
+    assert {"gam/grad_norm", "gam/ascent_grad_norm", "gam/r1"} <= set(first)
+    assert first["gam/r1"] == pytest.approx(trainer.args.gam_rho * first["gam/ascent_grad_norm"], rel=1e-6)
+    assert "gam/grad_norm" not in second  # step 1 is a plain step under gam_every=2
+    batch = {"pixel_values": image_data(4).x, "labels": image_data(4).y}
+    plain = Trainer.floating_point_ops(trainer, batch)
+    trainer.state.global_step = 0
+    assert trainer.floating_point_ops(batch) == MODES["gam"].passes * plain
+    trainer.state.global_step = 1
+    assert trainer.floating_point_ops(batch) == plain
+
+
+def test_trainer_rejects_plain_training_arguments(tmp_path):
+    with pytest.raises(TypeError, match="GAMConfig"):
+        GAMTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
