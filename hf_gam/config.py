@@ -8,6 +8,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from .directions import GAMHyper
+
 GamMode = Literal["none", "sam", "gnp", "gam", "gam_sam", "gam_fast"]
 
 # Defaults that depend on the mode (applied in __post_init__ when the field is left at None).
@@ -62,6 +64,13 @@ class GAMConfig(TrainingArguments):
             `"local"`: every micro-batch on every process computes its own direction and the step's gradient is their
             mean (SAM's m-sharpness; what the released code does per GPU). `"global"`: every pass runs over the whole
             global batch, so the result does not depend on world size or accumulation split.
+        gam_rho_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`, or `"lr_proportional"`: every radius (ρ, ρs, ρ') moves with the learning rate between
+            `gam_rho_min_ratio` times its value (at learning rate 0) and its value (at the peak `learning_rate`), as
+            the released code's proportional scheduler does.
+        gam_rho_min_ratio (`float`, *optional*, defaults to `0.5`):
+            Lower end of `lr_proportional` as a fraction of each radius (the released code's CIFAR setting
+            ρ' 0.04 -> 0.02 is 0.5).
     """
 
     gam_mode: GamMode = field(
@@ -106,6 +115,27 @@ class GAMConfig(TrainingArguments):
                   "every pass over the whole global batch."},
     )
 
+    gam_rho_schedule: Literal["constant", "lr_proportional"] = field(
+        default="constant",
+        metadata={"help": "constant, or lr_proportional: ρ, ρs and ρ' move with the learning rate between "
+                  "gam_rho_min_ratio x their value (lr 0) and their value (peak learning_rate)."},
+    )
+    gam_rho_min_ratio: float = field(
+        default=0.5, metadata={"help": "Lower end of the lr_proportional ρ schedule, as a fraction of each ρ."}
+    )
+
+    def gam_hyper(self, lr: float | None = None) -> GAMHyper:
+        """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate
+        ``lr``: ``ρ_t = ρ (r + (1 - r) clip(lr / learning_rate, 0, 1))``, ``r = gam_rho_min_ratio``."""
+        scale = 1.0
+        if self.gam_rho_schedule == "lr_proportional" and lr is not None and self.learning_rate > 0:
+            r = self.gam_rho_min_ratio
+            scale = r + (1.0 - r) * min(max(lr / self.learning_rate, 0.0), 1.0)
+        return GAMHyper(mode=self.gam_mode, rho=self.gam_rho * scale, alpha=self.gam_alpha,
+                        sam_rho=self.sam_rho * scale, rho_prime=self.gam_rho_prime * scale, beta=self.gam_beta,
+                        gamma=self.gam_gamma, eps=self.gam_eps, variant=self.gam_fast_variant,
+                        adaptive=self.gam_adaptive)
+
     def __post_init__(self):
         self._validate_gam()
         defaults = MODE_DEFAULTS[self.gam_mode]
@@ -122,6 +152,7 @@ class GAMConfig(TrainingArguments):
             "gam_mode": tuple(MODE_DEFAULTS),
             "gam_fast_variant": ("paper", "official"),
             "gam_perturbation": ("local", "global"),
+            "gam_rho_schedule": ("constant", "lr_proportional"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -141,6 +172,7 @@ class GAMConfig(TrainingArguments):
         check("gam_gamma", lambda v: v >= 0, "a finite number >= 0")
         check("gam_beta", lambda v: 0 <= v <= 1, "in [0, 1]")
         check("gam_eps", lambda v: v >= 0, "a finite number >= 0")
+        check("gam_rho_min_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
         if self.gam_mode == "gam_fast":
             check("gam_alpha", lambda v: 0 <= v <= 1, "in [0, 1] for gam_fast (paper Eq. 44)", optional=True)
         else:

@@ -37,7 +37,26 @@ from . import functional as F
 GradFn = Callable[[], tuple[Tensor, list[Tensor]]]
 GradHvpFn = Callable[[Callable[[list[Tensor]], list[Tensor]]], tuple[Tensor, list[Tensor], list[Tensor]]]
 
-__all__ = ["sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction", "MODES", "ModeSpec"]
+__all__ = ["sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction", "MODES", "ModeSpec",
+           "GAMHyper"]
+
+
+@dataclass(frozen=True)
+class GAMHyper:
+    """The hyper-parameters of one step, in the paper's symbols (``GAMConfig.gam_hyper(lr)`` builds it from a
+    config; a plain loop can build it directly). ``rho`` ρ, ``alpha`` α, ``sam_rho`` ρs, ``rho_prime`` ρ',
+    ``beta`` β, ``gamma`` γ, ``eps`` ξ; ``variant`` is Algorithm 2's ``h-`` rule; ``adaptive`` ASAM steps."""
+
+    mode: str = "gam"
+    rho: float = 0.04
+    alpha: float = 0.1
+    sam_rho: float = 0.04
+    rho_prime: float = 0.02
+    beta: float = 0.5
+    gamma: float = 0.03
+    eps: float = 1e-12
+    variant: str = "paper"
+    adaptive: bool = False
 
 
 def _unit(eps: float) -> Callable[[list[Tensor]], list[Tensor]]:

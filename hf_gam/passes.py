@@ -24,7 +24,8 @@ from . import functional as F
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
+__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes",
+           "NonFiniteGradient"]
 
 
 def second_order_context() -> contextlib.AbstractContextManager:
@@ -75,9 +76,11 @@ class WindowOracle:
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], batches: Sequence, loss_fn: Callable,
-                 count_fn: Callable | None = None, *, reduce: bool = True,
+                 count_fn: Callable | None = None, *, reduce: bool = True, loss_scale: float | None = None,
                  pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.params = list(params)
+        self.loss_scale = loss_scale
+        self.calls = 0
         self.batches = list(batches)
         self.loss_fn = loss_fn
         self.pass_context = pass_context
@@ -108,10 +111,6 @@ class WindowOracle:
             i += t.numel()
         return out
 
-    def _after_call(self) -> None:
-        if self._bn_clean is None:
-            self._bn_clean = self.bn.snapshot()
-
     def _combine(self, loss_parts: list[Tensor], parts: list[list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
         """Item-weighted sum of per-micro-batch values, all-reduced when ``reduce``."""
         if self.weights is None:
@@ -125,34 +124,57 @@ class WindowOracle:
             loss, total = reduced[0].reshape(()), reduced[1:]
         return loss, total
 
+    def _unscale(self, tensors: list[Tensor]) -> list[Tensor]:
+        """fp16: gradients of ``S·L`` back to gradients of ``L`` (norms and thresholds use unscaled values)."""
+        if self.loss_scale is not None:
+            torch._foreach_div_(tensors, self.loss_scale)
+        return tensors
+
+    def _checked(self, *results: list[Tensor]) -> None:
+        """Raise :class:`NonFiniteGradient` if a gradient / HVP of this call is not finite; snapshot BatchNorm
+        statistics after the clean call."""
+        for tensors in results:
+            if not bool(torch.isfinite(F.global_norm(tensors))):
+                raise NonFiniteGradient(self.calls)
+        if self._bn_clean is None:
+            self._bn_clean = self.bn.snapshot()
+
     def _pass(self, batch, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         self.passes += 1
         loss = self.loss_fn(batch)
-        g = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True,
+        scaled = loss if self.loss_scale is None else loss * self.loss_scale
+        g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True,
                                 materialize_grads=True)
         return loss, g
 
-    def grad(self) -> tuple[Tensor, list[Tensor]]:
+    def _grad_sweep(self) -> tuple[Tensor, list[Tensor]]:
         losses, grads = [], []
         for batch in self.batches:
             with self.pass_context():
                 loss, g = self._pass(batch, create_graph=False)
             losses.append(loss.detach())
             grads.append(list(g))
-        out = self._combine(losses, grads)
-        self._after_call()
-        return out
+        loss, g = self._combine(losses, grads)
+        return loss, self._unscale(g)
+
+    def grad(self) -> tuple[Tensor, list[Tensor]]:
+        self.calls += 1
+        loss, g = self._grad_sweep()
+        self._checked(g)
+        return loss, g
 
     def grad_hvp(self, v_fn: Callable[[list[Tensor]], list[Tensor]]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        self.calls += 1
         if self.weights is None:  # one micro-batch, no reduction: gradient and HVP from one graph
             with self.pass_context(), second_order_context():
                 loss, g = self._pass(self.batches[0], create_graph=True)
-                g_detached = [x.detach() for x in g]
-                hv = F.hvp(g, self.params, v_fn(g_detached))
+                g_detached = self._unscale([x.detach() for x in g])
+                hv = self._unscale(F.hvp(g, self.params, v_fn(g_detached)))
                 del g
-            self._after_call()
+            self._checked(g_detached, hv)
             return loss.detach(), g_detached, hv
-        loss, g = self.grad()
+        loss, g = self._grad_sweep()
+        self._checked(g)
         v = v_fn(g)
         losses, hvs = [], []
         for batch in self.batches:
@@ -162,6 +184,7 @@ class WindowOracle:
                 losses.append(loss_i.detach())
                 del g_i
         _, hv = self._combine(losses, hvs)
+        self._checked(self._unscale(hv))
         return loss, g, hv
 
     def close(self, failed: bool = False) -> None:
@@ -173,41 +196,73 @@ class MicroBatchOracle(WindowOracle):
     """Oracles over one micro-batch on this process only (``gam_perturbation="local"``): ``loss_fn()`` is its mean
     loss at the current weights."""
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn,
+    def __init__(self, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn, *,
+                 loss_scale: float | None = None,
                  pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
-        super().__init__(model, params, [None], lambda _: loss_fn(), reduce=False, pass_context=pass_context)
+        super().__init__(model, params, [None], lambda _: loss_fn(), reduce=False, loss_scale=loss_scale,
+                         pass_context=pass_context)
 
 
-def compute_direction(args, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Run ``args.gam_mode``'s passes through ``oracle`` and return ``(d, stats)``. ``args`` is a
-    :class:`~hf_gam.GAMConfig` (or anything with its ``gam_*`` attributes)."""
-    mode = args.gam_mode
-    common = {"eps": args.gam_eps}
-    if mode == "none":
+class NonFiniteGradient(FloatingPointError):
+    """A pass produced a non-finite gradient or HVP; ``call`` is the oracle call (1 = the clean pass)."""
+
+    def __init__(self, call: int):
+        self.call = call
+        super().__init__(f"non-finite gradient in oracle call {call}")
+
+
+def compute_direction(hyper: D.GAMHyper, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Run ``hyper.mode``'s passes through ``oracle`` and return ``(d, stats)``."""
+    h = hyper
+    if h.mode == "none":
         loss, g = oracle.grad()
         return g, {"loss": loss, "grad_norm": F.global_norm(g)}
-    if mode == "sam":
-        return D.sam_direction(params, oracle.grad, rho=args.sam_rho, adaptive=args.gam_adaptive, **common)
-    if mode == "gnp":
-        return D.gnp_direction(params, oracle.grad_hvp, rho=args.gam_rho, alpha=args.gam_alpha, **common)
-    if mode in ("gam", "gam_sam"):
-        return D.gam_direction(params, oracle.grad, oracle.grad_hvp, rho=args.gam_rho, alpha=args.gam_alpha,
-                               adaptive=args.gam_adaptive, sam_rho=args.sam_rho if mode == "gam_sam" else None,
-                               **common)
-    if mode == "gam_fast":
-        return D.gam_fast_direction(params, oracle.grad, rho=args.gam_rho, rho_prime=args.gam_rho_prime,
-                                    alpha=args.gam_alpha, beta=args.gam_beta, gamma=args.gam_gamma,
-                                    variant=args.gam_fast_variant, adaptive=args.gam_adaptive, **common)
-    raise ValueError(f"gam_mode must be one of {', '.join(D.MODES)}; got {mode!r}")
+    if h.mode == "sam":
+        return D.sam_direction(params, oracle.grad, rho=h.sam_rho, eps=h.eps, adaptive=h.adaptive)
+    if h.mode == "gnp":
+        return D.gnp_direction(params, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps)
+    if h.mode in ("gam", "gam_sam"):
+        return D.gam_direction(params, oracle.grad, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps,
+                               adaptive=h.adaptive, sam_rho=h.sam_rho if h.mode == "gam_sam" else None)
+    if h.mode == "gam_fast":
+        return D.gam_fast_direction(params, oracle.grad, rho=h.rho, rho_prime=h.rho_prime, alpha=h.alpha,
+                                    beta=h.beta, gamma=h.gamma, eps=h.eps, variant=h.variant, adaptive=h.adaptive)
+    raise ValueError(f"gam_mode must be one of {', '.join(D.MODES)}; got {h.mode!r}")
 
 
-def run_passes(args, params: Sequence[Tensor], oracle: WindowOracle) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """:func:`compute_direction`, then the oracle's BatchNorm clean-up: the clean pass's statistics on success,
-    the pre-step ones when a pass raises (the weights are restored by the direction functions either way)."""
+def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle,
+               ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """:func:`compute_direction` with the step's safety rules, then the oracle's BatchNorm clean-up.
+
+    - A pass raises: weights are already restored (the direction functions), BatchNorm statistics go back to
+      their pre-step values, the exception propagates.
+    - fp16 (``oracle.loss_scale`` set) and any gradient overflows: the direction is ``inf`` so the GradScaler skips
+      the whole step (and the scheduler with it) and lowers the scale; ``stats["overflow"] = 1``.
+    - Otherwise a non-finite gradient in a perturbed pass: the step falls back to the clean gradient
+      (``stats["nonfinite_fallback"] = 1``); in the clean pass itself: ``FloatingPointError`` naming the pass.
+    """
     try:
-        out = compute_direction(args, params, oracle)
+        d, stats = compute_direction(hyper, params, oracle)
+    except NonFiniteGradient as err:
+        if oracle.loss_scale is not None:
+            oracle.close(failed=True)
+            d = [torch.zeros_like(p) for p in params]
+            d[0].fill_(float("inf"))
+            return d, {"overflow": torch.ones(())}
+        if err.call == 1:
+            oracle.close(failed=True)
+            raise FloatingPointError(
+                f"gam_mode={hyper.mode!r}: the clean pass (pass 1, the gradient at the current weights) produced a "
+                "non-finite gradient; lower the learning rate or check the data") from None
+        try:
+            loss, d = oracle.grad()  # the clean gradient again, at the restored weights
+        except BaseException:
+            oracle.close(failed=True)
+            raise
+        stats = {"loss": loss, "grad_norm": F.global_norm(d), "nonfinite_fallback": torch.ones(()),
+                 "nonfinite_call": torch.tensor(err.call)}
     except BaseException:
         oracle.close(failed=True)
         raise
     oracle.close()
-    return out
+    return d, stats

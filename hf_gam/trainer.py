@@ -14,19 +14,27 @@ Overrides, and nothing else:
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
 from .config import GAMConfig
 from .directions import MODES
 from .passes import MicroBatchOracle, WindowOracle, run_passes
 
 __all__ = ["GAMTrainer"]
+
+logger = logging.get_logger(__name__)
+GAM_STATE_NAME = "gam_state.json"
 
 
 def _is_single_label_classifier(model: nn.Module) -> bool:
@@ -48,7 +56,10 @@ class GAMTrainer(Trainer):
         if not isinstance(args, GAMConfig):
             raise TypeError(f"GAMTrainer needs args=GAMConfig(...) (a TrainingArguments subclass with the gam_* "
                             f"fields); got {type(args).__name__}")
+        _refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
         super().__init__(model, args, *a, **kw)
+        _refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
         self._gam_window: list[dict[str, Any]] = []
         self._gam_own_loss = _is_single_label_classifier(self.accelerator.unwrap_model(self.model))
@@ -130,11 +141,12 @@ class GAMTrainer(Trainer):
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
             return self._global_step(model, params, inputs)
-        oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs),
+        scale = self._loss_scale()
+        oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=scale,
                                   pass_context=lambda: self.accelerator.no_sync(model))
-        d, stats = run_passes(self.args, params, oracle)
+        d, stats = run_passes(self._hyper(), params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
-        self._accumulate_grad(params, d, weight)
+        self._accumulate_grad(params, d, weight * (scale or 1.0))
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
             _all_reduce_mean([p.grad for p in params])
         self._record(stats)
@@ -147,10 +159,11 @@ class GAMTrainer(Trainer):
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
         window, self._gam_window = self._gam_window, []
+        scale = self._loss_scale()
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
-                              pass_context=lambda: self.accelerator.no_sync(model))
-        d, stats = run_passes(self.args, params, oracle)
-        self._accumulate_grad(params, d, torch.tensor(1.0, dtype=torch.float64))
+                              loss_scale=scale, pass_context=lambda: self.accelerator.no_sync(model))
+        d, stats = run_passes(self._hyper(), params, oracle)
+        self._accumulate_grad(params, d, torch.tensor(scale or 1.0, dtype=torch.float64))
         self._record(stats)
         return stats["loss"].to(self.args.device, torch.float32)
 
@@ -165,7 +178,25 @@ class GAMTrainer(Trainer):
                 else:
                     p.grad.add_(di)
 
+    def _hyper(self):
+        """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
+        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else None
+        return self.args.gam_hyper(lr)
+
+    def _loss_scale(self) -> float | None:
+        """The fp16 GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None``."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
     def _record(self, stats: dict[str, Tensor]) -> None:
+        if "overflow" in stats:
+            self.gam_counters["overflow_steps"] += 1
+            return
+        if "nonfinite_fallback" in stats:
+            self.gam_counters["nonfinite_fallbacks"] += 1
+            logger.warning("step %d: a perturbed pass (oracle call %d) of gam_mode=%r gave a non-finite gradient; "
+                           "this micro-batch uses the clean gradient (%d fallbacks so far)", self.state.global_step,
+                           int(stats["nonfinite_call"]), self.args.gam_mode, self.gam_counters["nonfinite_fallbacks"])
         self._gam_metrics["gam/grad_norm"].append(stats["grad_norm"].detach())
         if "ascent_grad_norm" in stats:
             self._gam_metrics["gam/ascent_grad_norm"].append(stats["ascent_grad_norm"].detach())
@@ -180,21 +211,59 @@ class GAMTrainer(Trainer):
         return flos * MODES[self.args.gam_mode].passes if self.gam_step_active() else flos
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._gam_metrics and "loss" in logs:
+        if "loss" in logs and self.args.gam_mode != "none":
             for key, values in self._gam_metrics.items():
                 logs[key] = torch.stack([v.float().cpu() for v in values]).mean().item()
             self._gam_metrics.clear()
+            if self.args.gam_rho_schedule != "constant":
+                logs["gam/rho"] = self._hyper().rho
+            for key, count in self.gam_counters.items():
+                if count:
+                    logs[f"gam/{key}"] = count
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Also write ``gam_state.json`` (the counters; the ``gam_every`` phase is ``global_step`` and the ρ
+        schedule follows the restored learning-rate scheduler, so nothing else is needed to resume exactly)."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, GAM_STATE_NAME), "w") as f:
+                json.dump({"version": 1, "counters": self.gam_counters}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, GAM_STATE_NAME) if checkpoint else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                self.gam_counters.update(json.load(f)["counters"])
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` over all processes in place with one collective (flattened buffer)."""
-    import torch.distributed as dist
+    """Average ``tensors`` over all processes in place: one collective per dtype (flattened buffer)."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        for t, r in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(r)
 
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    for t, r in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(r)
+def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:
+    """DeepSpeed and FSDP cannot run the passes: refuse them at construction, before any compute."""
+    if args.gam_mode == "none":
+        return
+    if deepspeed:
+        raise ValueError(
+            f"gam_mode={args.gam_mode!r} does not work with DeepSpeed: it steps the optimizer inside backward and "
+            "partitions gradients, while GAM/SAM need the full gradient between passes. Launch with DDP instead "
+            "(accelerate launch --multi_gpu, or torchrun), or use gam_mode='none'.")
+    if fsdp:
+        raise ValueError(
+            f"gam_mode={args.gam_mode!r} does not work with FSDP: FSDP shards parameters and gradients, and the "
+            "passes (sam, gnp, gam, gam_sam, gam_fast) need the full gradient and full weights on every process to "
+            "perturb and restore them (exact-HVP modes also need double backward, which FSDP does not support). "
+            "Launch with DDP instead (accelerate launch --multi_gpu, or torchrun); gam_mode='none' runs under FSDP.")

@@ -22,6 +22,8 @@ FLAGS = {
     "gam_adaptive": ("true", True),
     "gam_every": ("10", 10),
     "gam_perturbation": ("global", "global"),
+    "gam_rho_schedule": ("lr_proportional", "lr_proportional"),
+    "gam_rho_min_ratio": ("0.25", 0.25),
 }
 
 
@@ -71,6 +73,7 @@ BAD = [
     ("gam_rho", -0.1), ("gam_rho", float("nan")), ("sam_rho", -1.0), ("gam_rho_prime", -0.01),
     ("gam_beta", 1.5), ("gam_beta", -0.1), ("gam_gamma", -1.0), ("gam_eps", -1e-12), ("gam_eps", float("inf")),
     ("gam_alpha", -0.3), ("gam_every", 0), ("gam_every", 2.5), ("gam_rho", "0.1"),
+    ("gam_rho_schedule", "cosine"), ("gam_rho_min_ratio", 1.5),
 ]
 
 
@@ -91,3 +94,13 @@ def test_cli_rejects_bad_choice(capsys):
     with pytest.raises(SystemExit):
         parse(["--gam_mode", "adam"])
     assert "gam_mode" in capsys.readouterr().err
+
+
+def test_lr_proportional_radii():
+    cfg = parse(["--gam_mode", "gam_fast", "--gam_rho_schedule", "lr_proportional", "--gam_rho_min_ratio", "0.5",
+                 "--learning_rate", "0.1"])
+    peak, half, zero = cfg.gam_hyper(0.1), cfg.gam_hyper(0.05), cfg.gam_hyper(0.0)
+    assert (peak.rho, peak.rho_prime, peak.sam_rho) == (0.2, 0.02, 0.2)
+    assert half.rho == pytest.approx(0.15) and half.rho_prime == pytest.approx(0.015)
+    assert zero.rho == pytest.approx(0.1) and zero.alpha == peak.alpha
+    assert parse(["--gam_mode", "gam"]).gam_hyper(0.0).rho == 0.04  # constant schedule ignores lr
