@@ -1,0 +1,67 @@
+"""Two real processes (torchrun, gloo, CPU): each scope's step equals the float64 reference of the micro-batches
+actually seen, and the ranks end bit-identical."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny import tiny_model
+from reference import direction, loss_of
+from test_step_numerics import HP, assert_rel, one_step, ref_kwargs, sgd_args
+
+HERE = os.path.dirname(__file__)
+CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")]
+
+
+def torchrun(script, *args, nproc=2, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": HERE}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           os.path.join(HERE, "workers", script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun("ddp_step.py", str(out), ",".join(f"{m}:{s}" for m, s in CASES))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode,scope", CASES)
+def test_two_processes_match_reference(ddp_results, mode, scope):
+    r0, r1 = (r[f"{mode}:{scope}"] for r in ddp_results)
+    assert r0["world"] == 2
+    assert torch.equal(r0["theta1"], r1["theta1"]), "ranks diverged"
+    assert torch.equal(r0["theta0"], r1["theta0"])
+    batches = r0["seen"] + r1["seen"]
+    assert len(batches) == 2 and all(len(b["labels"]) == 8 for b in batches)
+    model = tiny_model()
+    kw = ref_kwargs(sgd_args("unused", gam_mode=mode, **HP))
+    if scope == "local":
+        d_ref = sum(direction(mode, loss_of(model, b), r0["theta0"], **kw) for b in batches) / 2
+    else:
+        union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        d_ref = direction(mode, loss_of(model, union), r0["theta0"], **kw)
+    assert_rel(r0["theta0"] - r0["theta1"], d_ref)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode,scope", CASES)
+def test_one_process_accumulation_two_equals_same_reference(tmp_path, mode, scope):
+    """The other split of the same global batch of 16: one process, two micro-batches of 8."""
+    trainer, theta0, theta1 = one_step(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                                       gam_mode=mode, gam_perturbation=scope, **HP)
+    kw = ref_kwargs(trainer.args)
+    if scope == "local":
+        d_ref = sum(direction(mode, loss_of(trainer.model, b), theta0, **kw) for b in trainer.seen) / 2
+    else:
+        union = {k: torch.cat([b[k] for b in trainer.seen]) for k in trainer.seen[0]}
+        d_ref = direction(mode, loss_of(trainer.model, union), theta0, **kw)
+    assert_rel(theta0 - theta1, d_ref)

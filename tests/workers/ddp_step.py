@@ -1,0 +1,27 @@
+"""Launched by tests/test_distributed.py with `torchrun --nproc_per_node 2`: one SGD step (lr 1, float64) per case
+on the tiny model; every rank saves θ before/after and the micro-batches it saw to OUT/rank{r}.pt."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _tiny import tiny_data, tiny_model  # noqa: E402
+from test_step_numerics import HP, Recorder, sgd_args  # noqa: E402
+from reference import flat_params  # noqa: E402
+
+out_dir = sys.argv[1]
+cases = [c.split(":") for c in sys.argv[2].split(",")]  # mode:scope
+rank = int(os.environ["RANK"])
+results = {}
+for mode, scope in cases:
+    model = tiny_model()
+    theta0 = flat_params(model)
+    args = sgd_args(os.path.join(out_dir, f"{mode}-{scope}"), per_device_train_batch_size=8, gam_mode=mode,
+                    gam_perturbation=scope, ddp_backend="gloo", **HP)
+    trainer = Recorder(model=model, args=args, train_dataset=tiny_data())
+    trainer.train()
+    results[f"{mode}:{scope}"] = {"theta0": theta0, "theta1": flat_params(trainer.model), "seen": trainer.seen,
+                                  "world": trainer.accelerator.num_processes}
+torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
