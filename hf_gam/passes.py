@@ -248,7 +248,7 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
             oracle.close(failed=True)
             d = [torch.zeros_like(p) for p in params]
             d[0].fill_(float("inf"))
-            return d, {"overflow": torch.ones(())}
+            return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
         if err.call == 1:
             oracle.close(failed=True)
             raise FloatingPointError(

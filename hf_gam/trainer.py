@@ -186,7 +186,11 @@ class GAMTrainer(Trainer):
     def _loss_scale(self) -> float | None:
         """The fp16 GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None``."""
         scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        if scaler is None or not scaler.is_enabled():
+            return None
+        if scaler._scale is None:  # created lazily by the first scale() call; step() needs it to exist
+            scaler.scale(torch.ones((), device=self.args.device))
+        return float(scaler.get_scale())
 
     def _record(self, stats: dict[str, Tensor]) -> None:
         if "overflow" in stats:
