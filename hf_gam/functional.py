@@ -176,3 +176,15 @@ def weights_restored(params: Sequence[Tensor]):
         yield backup
     finally:
         copy_(params, backup)
+
+
+# The per-mode directions are part of the public functional API (they are pure functions of gradient oracles).
+from .directions import (  # noqa: E402
+    GAMHyper,
+    gam_direction,
+    gam_fast_direction,
+    gnp_direction,
+    sam_direction,
+)
+
+__all__ += ["GAMHyper", "sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction"]
