@@ -178,13 +178,15 @@ def weights_restored(params: Sequence[Tensor]):
         copy_(params, backup)
 
 
-# The per-mode directions are part of the public functional API (they are pure functions of gradient oracles).
-from .directions import (  # noqa: E402
-    GAMHyper,
-    gam_direction,
-    gam_fast_direction,
-    gnp_direction,
-    sam_direction,
-)
 
-__all__ += ["GAMHyper", "sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction"]
+# The per-mode directions (pure functions of gradient oracles, in hf_gam.directions) are part of this public API too.
+_DIRECTIONS = ("GAMHyper", "sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction")
+__all__ += list(_DIRECTIONS)
+
+
+def __getattr__(name: str):
+    if name in _DIRECTIONS:
+        from . import directions
+
+        return getattr(directions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
