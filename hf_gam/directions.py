@@ -68,9 +68,13 @@ def _unit(eps: float) -> Callable[[list[Tensor]], list[Tensor]]:
     return f
 
 
-def _ascend(params: Sequence[Tensor], v: Sequence[Tensor], r: float, eps: float, adaptive: bool) -> None:
-    """``θ <- θ + r v/(‖v‖+ξ)`` (or ASAM's rule) in place."""
-    F.add_(params, F.ascent_step(v, r, eps, [p.detach() for p in params] if adaptive else None))
+def _ascend(params: Sequence[Tensor], v: list[Tensor], r: float, eps: float, adaptive: bool,
+            consume: bool = False) -> None:
+    """``θ <- θ + r v/(‖v‖+ξ)`` (or ASAM's rule) in place; with ``consume`` the step is built in ``v``'s storage
+    (``v`` is garbage afterwards), saving a parameter-sized temporary."""
+    weights = [p.detach() for p in params] if adaptive else None
+    step = F.ascent_step_(v, r, eps, weights) if consume else F.ascent_step(v, r, eps, weights)
+    F.add_(params, step)
 
 
 def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps: float, adaptive: bool = False):
@@ -78,7 +82,7 @@ def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps:
     loss, g = grad_fn()
     stats = {"loss": loss, "grad_norm": F.global_norm(g)}
     with F.weights_restored(params):
-        _ascend(params, g, rho, eps, adaptive)
+        _ascend(params, g, rho, eps, adaptive, consume=True)
         del g
         _, g_sam = grad_fn()
     stats["ascent_grad_norm"] = F.global_norm(g_sam)
@@ -105,11 +109,11 @@ def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHv
     stats = {"loss": loss, "grad_norm": F.global_norm(g)}
     with F.weights_restored(params) as theta:
         if sam_rho is not None:
-            _ascend(params, g, sam_rho, eps, adaptive)
+            _ascend(params, g, sam_rho, eps, adaptive, consume=True)
             _, g = grad_fn()
             stats["sam_grad_norm"] = F.global_norm(g)
             F.copy_(params, theta)
-        _ascend(params, f, rho, eps, adaptive)
+        _ascend(params, f, rho, eps, adaptive, consume=True)
         del f
         _, ga, h = grad_hvp_fn(_unit(eps))
     stats["ascent_grad_norm"] = F.global_norm(ga)
@@ -134,12 +138,12 @@ def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float,
         _, g1 = grad_fn()
         F.copy_(params, theta)
         h0 = torch._foreach_sub(g1, g0)
-        _ascend(params, h0, rho, eps, adaptive)
+        _ascend(params, h0, rho, eps, adaptive, consume=True)
         del h0
         _, g2 = grad_fn()
         stats["ascent_grad_norm"] = F.global_norm(g2)
-        _ascend(params, g2, rho_prime, eps, adaptive)
         h_minus = F.h_minus_(g0, g2, beta, variant)
+        _ascend(params, g2, rho_prime, eps, adaptive, consume=True)
         del g2
         _, g3 = grad_fn()
     h_plus = F.h_plus_(g1, g3, alpha)

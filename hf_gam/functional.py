@@ -25,6 +25,7 @@ __all__ = [
     "global_norm",
     "dot",
     "ascent_step",
+    "ascent_step_",
     "add_",
     "copy_",
     "axpy",
@@ -65,14 +66,18 @@ def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[T
     Plain: ``e = rho * v / (‖v‖ + eps)``. Adaptive (ASAM, ``weights`` = the current weights θ, ``T = |θ|``):
     ``e = rho * T² v / (‖T v‖ + eps)``. A new list is returned; ``v`` is not modified.
     """
+    return ascent_step_(torch._foreach_mul(list(v), 1.0), rho, eps, weights)
+
+
+def ascent_step_(v: list[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None) -> TensorList:
+    """:func:`ascent_step` computed in ``v``'s storage (no parameter-sized temporary in the plain case)."""
     norm = global_norm(v, weights)
-    scale = rho / (norm + eps)
-    if weights is None:
-        return torch._foreach_mul(list(v), scale.to(v[0].dtype))
-    t2 = torch._foreach_mul(list(weights), list(weights))
-    torch._foreach_mul_(t2, list(v))
-    torch._foreach_mul_(t2, scale.to(v[0].dtype))
-    return t2
+    scale = (rho / (norm + eps)).to(v[0].dtype)
+    if weights is not None:
+        torch._foreach_mul_(v, list(weights))
+        torch._foreach_mul_(v, list(weights))
+    torch._foreach_mul_(v, scale)
+    return v
 
 
 def add_(params: Sequence[Tensor], e: Sequence[Tensor]) -> None:
@@ -102,14 +107,11 @@ def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) 
     Parameters whose gradient is constant (no second-order path) get an exact zero. The graph is freed.
     """
     idx = [i for i, g in enumerate(grads) if g.requires_grad]
-    out = [torch.zeros_like(p) for p in params]
-    if idx:
-        parts = torch.autograd.grad(
-            [grads[i] for i in idx], list(params), grad_outputs=[v[i].detach() for i in idx],
-            allow_unused=True, materialize_grads=True,
-        )
-        out = [p.detach() for p in parts]
-    return out
+    if not idx:
+        return [torch.zeros_like(p) for p in params]
+    parts = torch.autograd.grad([grads[i] for i in idx], list(params), grad_outputs=[v[i].detach() for i in idx],
+                                allow_unused=True, materialize_grads=True)
+    return [p.detach() for p in parts]
 
 
 def gam_combine(g: Sequence[Tensor], h: Sequence[Tensor], alpha: float) -> TensorList:

@@ -172,11 +172,11 @@ class GAMTrainer(Trainer):
         """``p.grad += weight * d`` (gradients of earlier micro-batches of the window are kept)."""
         with torch.no_grad():
             torch._foreach_mul_(d, weight.to(d[0].device, d[0].dtype))
-            for p, di in zip(params, d):
-                if p.grad is None:
-                    p.grad = di.to(p.dtype)
-                else:
-                    p.grad.add_(di)
+            have = [i for i, p in enumerate(params) if p.grad is not None]
+            if have:
+                torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
+            for i in sorted(set(range(len(params))) - set(have)):
+                params[i].grad = d[i] if d[i].dtype == params[i].dtype else d[i].to(params[i].dtype)
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
