@@ -179,3 +179,9 @@ class GAMConfig(TrainingArguments):
             check("gam_alpha", lambda v: v >= 0, "a finite number >= 0", optional=True)
         if isinstance(self.gam_every, bool) or not isinstance(self.gam_every, int) or self.gam_every < 1:
             raise ValueError(f"gam_every must be an integer >= 1; got {self.gam_every!r}")
+        ckpt_kwargs = self.gradient_checkpointing_kwargs
+        if (self.gam_mode != "none" and self.gradient_checkpointing and isinstance(ckpt_kwargs, dict)
+                and ckpt_kwargs.get("use_reentrant")):
+            raise ValueError(f"gradient_checkpointing_kwargs={ckpt_kwargs!r}: reentrant checkpointing does not work "
+                             "with torch.autograd.grad, which every gam_mode but 'none' uses; drop use_reentrant "
+                             "(the default is non-reentrant)")

@@ -104,3 +104,10 @@ def test_lr_proportional_radii():
     assert half.rho == pytest.approx(0.15) and half.rho_prime == pytest.approx(0.015)
     assert zero.rho == pytest.approx(0.1) and zero.alpha == peak.alpha
     assert parse(["--gam_mode", "gam"]).gam_hyper(0.0).rho == 0.04  # constant schedule ignores lr
+
+
+def test_reentrant_checkpointing_refused(tmp_path):
+    with pytest.raises(ValueError, match="gradient_checkpointing_kwargs"):
+        GAMConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=True,
+                  gradient_checkpointing_kwargs={"use_reentrant": True})
+    GAMConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=True)  # non-reentrant default is fine

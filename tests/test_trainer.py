@@ -184,3 +184,17 @@ def test_logs_and_flops(tmp_path):
 def test_trainer_rejects_plain_training_arguments(tmp_path):
     with pytest.raises(TypeError, match="GAMConfig"):
         GAMTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+@pytest.mark.parametrize("mode", ["gam", "gam_fast"])
+def test_gradient_checkpointing_non_reentrant_matches_plain(tmp_path, mode):
+    """Activation checkpointing (transformers' non-reentrant default) gives the same step as without it."""
+    results = []
+    for ckpt in (False, True):
+        model = tiny_vit()
+        GAMTrainer(model=model, args=train_args(tmp_path / str(ckpt), gam_mode=mode, max_steps=1,
+                                                gradient_accumulation_steps=1, gradient_checkpointing=ckpt),
+                   train_dataset=image_data(4)).train()
+        results.append(params_of(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
