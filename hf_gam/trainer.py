@@ -226,6 +226,32 @@ class GAMTrainer(Trainer):
                     logs[f"gam/{key}"] = count
         super().log(logs, start_time)
 
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None, *, results: dict | None = None,
+                          label_noise: dict | None = None, extra: dict | None = None,
+                          eval_split: str | None = None) -> None:
+        """Write the GAM model card (:func:`hf_gam.card.render_model_card`: every ``gam_*`` value, optimizer and
+        schedule, results, versions, citation) to ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain
+        ``trainer.push_to_hub()`` gets the same card. ``results`` default to the last evaluation's metrics."""
+        if not self.is_world_process_zero():
+            return
+        from .card import render_model_card
+
+        if results is None:
+            evals = [h for h in self.state.log_history if any(k.startswith("eval_") for k in h)]
+            results = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+        if finetuned_from is None:
+            name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""
+            finetuned_from = name if name.count("/") == 1 and not os.path.exists(name) else None
+        card = render_model_card(
+            self.args, model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=finetuned_from, dataset_name=dataset if isinstance(dataset, str) else None, results=results,
+            label_noise=label_noise, extra=extra, tags=tags, eval_split=eval_split)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
     # ------------------------------------------------------------------------------------- checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Also write ``gam_state.json`` (the counters; the ``gam_every`` phase is ``global_step`` and the ρ

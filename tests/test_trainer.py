@@ -198,3 +198,14 @@ def test_gradient_checkpointing_non_reentrant_matches_plain(tmp_path, mode):
         results.append(params_of(model))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_create_model_card_is_the_gam_card(tmp_path):
+    trainer = GAMTrainer(model=tiny_vit(), args=train_args(tmp_path, gam_mode="gam_fast", max_steps=1,
+                                                           gam_every=10), train_dataset=image_data(8))
+    trainer.train()
+    trainer.create_model_card(dataset="uoft-cs/cifar10", results={"eval_accuracy": 0.5})
+    card = (tmp_path / "README.md").read_text()
+    for text in ("gam_fast", "gam_rho", "gam_every", "0.5", "uoft-cs/cifar10", "Gradient Norm Aware Minimization",
+                 "- gam", "- sam", "image-classification"):
+        assert text in card, text
