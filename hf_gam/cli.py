@@ -39,7 +39,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.05,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
-    "per_device_train_batch_size": 32,
+    "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
     "eval_strategy": "no",
     "save_strategy": "no",

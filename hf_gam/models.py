@@ -151,6 +151,8 @@ def load_model(args: ModelArguments, class_names: list[str], default_image_size:
         raise ModelLoadError(f"model: could not load {args.model!r}: {type(err).__name__}: {_first_line(err)}") \
             from err
     _check_image_classifier(args.model, config)
+    if getattr(config, "label_names", None) is not None:  # timm wrapper: saved as label_names, which setdefault
+        config.label_names = list(labels["id2label"].values())  # in to_dict would otherwise keep stale
     try:
         if args.from_scratch:
             model = AutoModelForImageClassification.from_config(config)

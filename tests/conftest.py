@@ -51,8 +51,8 @@ def random_image(rng: np.random.Generator, i: int):
 def write_hub_copy(root: Path, name: str, n_train: int = 8, n_eval: int = 4, *, drop: str | None = None,
                    labels: dict[str, list[int]] | None = None, seed: int = 0) -> Path:
     """Write a tiny copy of registered dataset ``name`` under ``root`` in its Hub layout and return the directory.
-    ``drop``: a column to leave out (to test errors); ``labels``: per-split label lists (plain ints, no ClassLabel
-    check) to inject out-of-range labels."""
+    ``drop``: a column to leave out (to test errors); ``labels``: per-split label lists, cast to the ClassLabel
+    without its range check (to inject out-of-range labels, as a corrupted copy would hold)."""
     from datasets import ClassLabel, Dataset, Features, Image, Value
 
     spec = HUB_LAYOUTS[name]
@@ -78,6 +78,8 @@ def write_hub_copy(root: Path, name: str, n_train: int = 8, n_eval: int = 4, *, 
             columns.pop(drop)
             features.pop(drop)
         ds = Dataset.from_dict(columns, features=Features(features))
+        if labels and spec["label"] in ds.column_names:
+            ds = ds.cast_column(spec["label"], ClassLabel(names=spec["names"]))
         ds.to_parquet(str(out / "data" / f"{split}-00000-of-00001.parquet"))
     return out
 

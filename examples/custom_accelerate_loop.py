@@ -1,0 +1,123 @@
+"""GAM in your own training loop: accelerate + the functional API, no Trainer.
+
+Per step: a :class:`hf_gam.passes.MicroBatchOracle` says how to get the loss of this batch at the current weights
+(its passes run under ``accelerator.no_sync``, since DDP does not reduce ``torch.autograd.grad`` results);
+:func:`hf_gam.passes.compute_direction` runs the passes of the mode (``gam``: Algorithm 1) and returns the update
+direction ``d`` with the weights restored bit for bit; the loop averages ``d`` over processes (what DDP would have
+done), puts it in ``p.grad`` and lets the optimizer step. ``--gam_mode none`` is plain training.
+
+Launch:
+
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/custom_accelerate_loop.py \
+        --dataset cifar10 --model timm:resnet18 --image_size 32 --epochs 10 --gam_mode gam
+
+    torchrun --nproc_per_node 2 examples/custom_accelerate_loop.py --epochs 1   # CPU works too (gloo)
+
+Datasets and models come from :mod:`hf_gam.data` / :mod:`hf_gam.models` (defaults: sklearn digits, the built-in
+tiny ResNet; no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from hf_gam.config import MODE_DEFAULTS
+from hf_gam.data import DataArguments, build_transforms, collate, load_image_data, with_transform
+from hf_gam.directions import GAMHyper
+from hf_gam.models import ModelArguments, load_model
+from hf_gam.passes import MicroBatchOracle, compute_direction
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="GAM in a plain accelerate loop")
+    p.add_argument("--dataset", default="digits", help="hf_gam.data registry name, Hub id or local directory")
+    p.add_argument("--dataset_path", default=None, help="local copy in the Hub layout")
+    p.add_argument("--model", default="tiny-resnet", help="Hub id, local directory, tiny-resnet, timm:<arch>")
+    p.add_argument("--image_size", type=int, default=None, help="input size of built-in / timm: models")
+    p.add_argument("--gam_mode", default="gam", choices=sorted(MODE_DEFAULTS))
+    p.add_argument("--gam_rho", type=float, default=None, help="default: the mode's (hf_gam.config.MODE_DEFAULTS)")
+    p.add_argument("--gam_alpha", type=float, default=None, help="default: the mode's")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> float:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    set_seed(args.seed)
+    with accelerator.main_process_first():
+        data = load_image_data(DataArguments(dataset=args.dataset, dataset_path=args.dataset_path), seed=args.seed)
+    loaded = load_model(ModelArguments(model=args.model, image_size=args.image_size), data.class_names,
+                        default_image_size=data.image_size)
+    train_tf, eval_tf = build_transforms(loaded.processor, data.default_augment)
+    train_dl = DataLoader(with_transform(data.train, train_tf), batch_size=args.batch_size, shuffle=True,
+                          collate_fn=collate, drop_last=True)
+    eval_dl = DataLoader(with_transform(data.eval, eval_tf), batch_size=256, collate_fn=collate)
+    model = loaded.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    total = args.max_steps or math.ceil(args.epochs * len(train_dl))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    defaults = MODE_DEFAULTS[args.gam_mode]
+    rho = defaults["gam_rho"] if args.gam_rho is None else args.gam_rho
+    hyper = GAMHyper(mode=args.gam_mode, rho=rho, sam_rho=rho,
+                     alpha=defaults["gam_alpha"] if args.gam_alpha is None else args.gam_alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    step = 0
+    model.train()
+    while step < total:
+        for batch in train_dl:
+            def loss_fn(batch=batch):  # mean loss of this batch at the current weights
+                return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
+
+            oracle = MicroBatchOracle(model, params, loss_fn, pass_context=lambda: accelerator.no_sync(model))
+            try:
+                d, stats = compute_direction(hyper, params, oracle)
+            finally:
+                oracle.close()
+            if accelerator.num_processes > 1:  # average the directions over processes, as DDP would
+                for t in d:
+                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                    t.div_(accelerator.num_processes)
+            for p, g in zip(params, d):
+                p.grad = g
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 10 == 0 or step == total:
+                accelerator.print(f"step {step}/{total} loss {stats['loss'].item():.4f} "
+                                  f"|g| {stats['grad_norm'].item():.4f}")
+            if step >= total:
+                break
+
+    model.eval()
+    correct = count = 0
+    with torch.no_grad():
+        for batch in eval_dl:
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+            correct += (preds == labels).sum().item()
+            count += labels.numel()
+    accuracy = correct / max(count, 1)
+    accelerator.print(f"test accuracy: {accuracy:.4f} on {count} images ({args.gam_mode}, {step} steps)")
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""`hf-gam train` end to end (in-process `hf_gam.cli.main`), config files, the model card, and every user error:
+a clear message, exit status 2 and nothing written. Offline; tiny Hub-layout copies and tiny saved models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import HUB_LAYOUTS, write_hub_copy
+
+from hf_gam.card import render_model_card, template_path
+from hf_gam.cli import TRAIN_DEFAULTS, main
+from hf_gam.config import GAMConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check_outputs(out: Path, names: list[str]) -> dict:
+    from transformers import AutoConfig
+
+    for f in ("model.safetensors", "config.json", "README.md", "all_results.json", "eval_results.json"):
+        assert (out / f).is_file(), f
+    assert AutoConfig.from_pretrained(out).id2label == dict(enumerate(names))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and 0.0 <= results["eval_top5_accuracy"] <= 1.0
+    assert "eval_accuracy" in json.loads((out / "all_results.json").read_text())
+    card = (out / "README.md").read_text()
+    assert "gam_rho" in card and "image-classification" in card and "zhang2023gradient" in card
+    return results
+
+
+@pytest.mark.parametrize("model", ["tiny_vit_dir", "tiny_timm_dir"])
+@pytest.mark.parametrize("name", sorted(HUB_LAYOUTS))
+def test_train_each_dataset(name, model, hub_copies, tmp_path, tiny_train_flags, request):
+    out = tmp_path / "out"
+    rc = main(["train", "--dataset", name, "--dataset_path", str(hub_copies[name]),
+               "--model", str(request.getfixturevalue(model)), "--output_dir", str(out), *tiny_train_flags])
+    assert rc == 0
+    _check_outputs(out, HUB_LAYOUTS[name]["names"])
+    assert (out / "preprocessor_config.json").is_file() or model == "tiny_timm_dir"  # timm: in config.json
+
+
+def test_default_digits_job_short(tmp_path, capsys):
+    """The no-argument job (built-in tiny ResNet, exact GAM, digits), cut to 2 steps."""
+    out = tmp_path / "digits"
+    assert main(["train", "--max_steps", "2", "--output_dir", str(out), "--disable_tqdm", "true"]) == 0
+    _check_outputs(out, [str(i) for i in range(10)])
+    assert "test accuracy:" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "`gam_mode` | gam" in card and "tiny-resnet" in card
+
+
+@pytest.mark.slow
+def test_default_digits_job_full(tmp_path, monkeypatch):
+    """`hf-gam train` with no arguments: >= 90 % test accuracy (measured ~97 %)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 0
+    results = json.loads((tmp_path / "outputs" / "digits-gam" / "eval_results.json").read_text())
+    assert results["eval_accuracy"] >= 0.9
+
+
+def test_config_files_yaml_and_json(tmp_path, hub_copies, tiny_vit_dir):
+    values = {"dataset": "pets", "dataset_path": str(hub_copies["pets"]), "model": str(tiny_vit_dir),
+              "max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": "1e-3", "gam_mode": "sam",
+              "label_noise": 0.25, "validation_split": 0.25, "disable_tqdm": True, "report_to": ["none"]}
+    for suffix in ("yaml", "json"):
+        out = tmp_path / suffix
+        path = tmp_path / f"config.{suffix}"
+        text = json.dumps({**values, "output_dir": str(out)})  # JSON is valid YAML
+        path.write_text(text)
+        assert main(["train", str(path)]) == 0
+        _check_outputs(out, HUB_LAYOUTS["pets"]["names"])
+        assert (out / "validation_results.json").is_file()
+        card = (out / "README.md").read_text()
+        assert "2 of 6 training labels flipped" in card and "`gam_mode` | sam" in card
+
+
+def test_help_and_usage(capsys):
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--label_noise", "--augment", "--from_scratch", "--gam_mode", "--push_to_hub"):
+        assert flag in text
+    assert main(["frobnicate"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _fails(argv: list[str], out: Path, capsys, *expected: str) -> None:
+    assert main(["train", *argv, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    assert not out.exists()  # nothing half-written
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    _fails(["--dataset", "imagenet"], tmp_path / "o", capsys, "unknown dataset 'imagenet'", "cifar10", "food101")
+
+
+def test_missing_column_and_bad_labels(tmp_path, capsys, tiny_vit_dir):
+    no_label = write_hub_copy(tmp_path / "a", "food101", drop="label")
+    _fails(["--dataset", "food101", "--dataset_path", str(no_label), "--model", str(tiny_vit_dir)],
+           tmp_path / "o", capsys, "label_column", "'label'", "columns found: image")
+    bad = write_hub_copy(tmp_path / "b", "cifar10", labels={"train": [0, 12], "test": [1]}, n_train=2, n_eval=1)
+    _fails(["--dataset", "cifar10", "--dataset_path", str(bad), "--model", str(tiny_vit_dir)],
+           tmp_path / "o", capsys, "outside the class range")
+
+
+def test_unreadable_model(tmp_path, capsys, hub_copies):
+    _fails(["--dataset", "cars", "--dataset_path", str(hub_copies["cars"]), "--model", str(tmp_path / "nope")],
+           tmp_path / "o", capsys, "model:", "nope")
+
+
+def test_bad_values(tmp_path, capsys):
+    _fails(["--gam_rho", "-1"], tmp_path / "o", capsys, "gam_rho", "-1")
+    _fails(["--label_noise", "2"], tmp_path / "o", capsys, "label_noise")
+    _fails(["--remove_unused_columns", "true"], tmp_path / "o", capsys, "remove_unused_columns")
+    _fails(["--augment", "mixup"], tmp_path / "o", capsys, "invalid choice")  # argparse's own message
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: digits\nlerning_rate: 0.1\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "unknown fields lerning_rate" in capsys.readouterr().err
+
+
+def test_push_offline_fails_early(tmp_path, capsys):
+    _fails(["--push_to_hub", "true", "--hub_model_id", "me/x"], tmp_path / "o", capsys, "push_to_hub", "offline")
+
+
+def test_push_without_token_fails_early(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    _fails(["--push_to_hub", "true"], tmp_path / "o", capsys, "push_to_hub", "no Hugging Face token")
+
+
+def test_console_script_exit_status(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hf_gam", "train", "--dataset", "nope"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "hf-gam: error: dataset: unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def test_card_records_every_setting():
+    args = GAMConfig(output_dir="unused", gam_mode="gam_fast", gam_rho=0.3, optim="sgd", learning_rate=2e-3,
+                     lr_scheduler_type="cosine", max_steps=40000, report_to="none", use_cpu=True)
+    card = render_model_card(args, model_name="m", base_model="google/efficientnet-b0", dataset_name="uoft-cs/cifar10",
+                             results={"eval_accuracy": 0.91234, "eval_top5_accuracy": 0.99, "eval_runtime": 3.0},
+                             label_noise={"rate": 0.2, "flipped": 10, "total": 50, "seed": 1}, eval_split="test")
+    text = str(card)
+    for name in [n for n in vars(args) if n.startswith("gam_")] + ["sam_rho"]:
+        assert f"`{name}`" in text, name
+    assert "| `gam_rho` | 0.3 |" in text and "| `optim` | sgd |" in text and "| `lr_scheduler_type` | cosine |" in text
+    assert "0.9123" in text and "eval_runtime" not in text
+    assert "10 of 50 training labels flipped" in text and "@inproceedings{zhang2023gradient" in text
+    data = card.data.to_dict()
+    assert {"gam", "sam", "image-classification"} <= set(data["tags"])
+    assert data["base_model"] == "google/efficientnet-b0" and data["datasets"] == ["uoft-cs/cifar10"]
+    assert data["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(0.91234)
+    assert template_path().read_text().startswith("---")
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_card_template(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, timeout=600)
+    wheel = next(tmp_path.glob("hf_gam-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hf_gam/model_cards/gam_model_card.md" in names and "hf_gam/cli.py" in names
+
+
+def test_defaults_are_sensible():
+    assert TRAIN_DEFAULTS["remove_unused_columns"] is False and TRAIN_DEFAULTS["report_to"] == "none"

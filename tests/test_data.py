@@ -1,0 +1,154 @@
+"""hf_gam.data: registry, loading of Hub-layout copies with the real `datasets.load_dataset` path, normalization,
+validation carving, label noise, transforms. Offline; tiny copies from conftest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import HUB_LAYOUTS, random_image, write_hub_copy
+
+from hf_gam.data import (AUGMENTS, DATASETS, DataArguments, DataError, apply_label_noise, build_transforms, collate,
+                         load_digits_dataset, load_image_data, with_transform)
+
+
+def test_registry_knows_the_papers_datasets():
+    assert set(DATASETS) == {"cifar10", "cifar100", "pets", "food101", "cars", "digits"}
+    assert DATASETS["food101"].eval_split == "validation"
+    assert DATASETS["cifar100"].label_column == "fine_label"
+
+
+@pytest.mark.parametrize("name", sorted(HUB_LAYOUTS))
+def test_hub_copy_loads_normalized(name, hub_copies):
+    data = load_image_data(DataArguments(dataset=name, dataset_path=str(hub_copies[name])))
+    layout = HUB_LAYOUTS[name]
+    assert data.class_names == layout["names"]
+    assert data.eval_split == layout["eval"]
+    assert len(data.train) == 8 and len(data.eval) == 4
+    for ds in (data.train, data.eval):
+        assert ds.column_names == ["image", "label"]
+        assert list(ds.features["label"].names) == layout["names"]
+    assert data.hub_id == DATASETS[name].hub_id
+
+
+def test_cifar100_coarse_labels_on_request(hub_copies):
+    data = load_image_data(DataArguments(dataset="cifar100", dataset_path=str(hub_copies["cifar100"]),
+                                         cifar100_labels="coarse"))
+    assert len(data.class_names) == 20 and data.class_names[0] == "coarse_000"
+
+
+def test_digits_embedded_stratified_split():
+    dsd = load_digits_dataset()
+    assert (len(dsd["train"]), len(dsd["test"])) == (1437, 360)
+    assert dsd["train"].features["label"].names == [str(i) for i in range(10)]
+    counts = np.bincount(np.asarray(dsd["test"]["label"]), minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified 20 %
+    assert dsd["train"][0]["image"].size == (8, 8)
+
+
+def test_validation_split_carves_train(hub_copies):
+    data = load_image_data(DataArguments(dataset="cifar10", dataset_path=str(hub_copies["cifar10"]),
+                                         validation_split=0.25), seed=1)
+    assert len(data.validation) == 2 and len(data.train) == 6 and len(data.eval) == 4
+
+
+def test_local_directory_and_imagefolder(tmp_path, hub_copies):
+    data = load_image_data(DataArguments(dataset=str(hub_copies["pets"])))  # columns auto-detected by feature type
+    assert len(data.class_names) == 37
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("ant", "bee"):
+            (tmp_path / "folder" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                random_image(rng, i).convert("RGB").save(tmp_path / "folder" / split / cls / f"{i}.png")
+    data = load_image_data(DataArguments(dataset="imagefolder", dataset_path=str(tmp_path / "folder")))
+    assert data.class_names == ["ant", "bee"] and len(data.train) == 4
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 1.0])
+def test_label_noise_flips_the_requested_fraction(rate):
+    ds = load_digits_dataset()["train"]
+    noisy, flipped = apply_label_noise(ds, rate, 10, seed=3)
+    before, after = np.asarray(ds["label"]), np.asarray(noisy["label"])
+    assert flipped == round(rate * len(ds)) == int((before != after).sum())
+    assert after.min() >= 0 and after.max() <= 9
+    again, _ = apply_label_noise(ds, rate, 10, seed=3)
+    assert np.array_equal(np.asarray(again["label"]), after)  # seeded
+    assert noisy.features["label"].names == ds.features["label"].names
+
+
+def test_label_noise_recorded_and_validated(hub_copies):
+    data = load_image_data(DataArguments(dataset="cifar10", dataset_path=str(hub_copies["cifar10"]),
+                                         label_noise=0.5, label_noise_seed=0))
+    assert data.noise == {"rate": 0.5, "flipped": 4, "total": 8, "seed": 0}
+    with pytest.raises(DataError, match="label_noise"):
+        load_image_data(DataArguments(label_noise=1.5))
+
+
+def _processors(tiny_vit_dir, tiny_timm_dir):
+    from transformers import AutoImageProcessor
+
+    return [AutoImageProcessor.from_pretrained(tiny_vit_dir), AutoImageProcessor.from_pretrained(tiny_timm_dir)]
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_augment_presets_give_model_sized_tensors(augment, tiny_vit_dir, tiny_timm_dir):
+    rng = np.random.default_rng(0)
+    images = [random_image(rng, i) for i in range(4)]  # RGB, grayscale, odd sizes, RGBA
+    for processor in _processors(tiny_vit_dir, tiny_timm_dir):
+        train_tf, eval_tf = build_transforms(processor, augment, autoaugment_policy="cifar10")
+        for tf in (train_tf, eval_tf):
+            for im in images:
+                out = tf(im.convert("RGB"))
+                assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+
+
+def test_with_transform_and_collate_batch(hub_copies, tiny_vit_dir):
+    from transformers import AutoImageProcessor
+
+    data = load_image_data(DataArguments(dataset="pets", dataset_path=str(hub_copies["pets"])))
+    train_tf, _ = build_transforms(AutoImageProcessor.from_pretrained(tiny_vit_dir), "basic")
+    batch = collate([with_transform(data.train, train_tf)[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].dtype == torch.long
+
+
+def test_unknown_augment_is_an_error(tiny_vit_dir):
+    from transformers import AutoImageProcessor
+
+    with pytest.raises(DataError, match="augment must be one of"):
+        build_transforms(AutoImageProcessor.from_pretrained(tiny_vit_dir), "mixup")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_unknown_dataset_lists_known_names():
+    with pytest.raises(DataError) as err:
+        load_image_data(DataArguments(dataset="mnist"))
+    for name in DATASETS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("drop,flag", [("img", "image_column"), ("label", "label_column")])
+def test_missing_column_names_column_and_found(tmp_path, drop, flag):
+    path = write_hub_copy(tmp_path, "cifar10", drop=drop)
+    with pytest.raises(DataError) as err:
+        load_image_data(DataArguments(dataset="cifar10", dataset_path=str(path)))
+    message = str(err.value)
+    assert flag in message and repr(drop) in message and "columns found" in message
+
+
+def test_labels_outside_class_range(tmp_path):
+    path = write_hub_copy(tmp_path, "cars", labels={"train": [0, 1, 2, 5], "test": [0, -1]}, n_train=4, n_eval=2)
+    with pytest.raises(DataError, match="outside the class range"):
+        load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+
+
+def test_bad_paths_and_splits(tmp_path, hub_copies):
+    with pytest.raises(DataError, match="dataset_path"):
+        load_image_data(DataArguments(dataset="cifar10", dataset_path=str(tmp_path / "missing")))
+    with pytest.raises(DataError, match="imagefolder"):
+        load_image_data(DataArguments(dataset="imagefolder"))
+    with pytest.raises(DataError, match="eval_split"):
+        load_image_data(DataArguments(dataset="cifar10", dataset_path=str(hub_copies["cifar10"]),
+                                      eval_split="nope"))
+    with pytest.raises(DataError, match="validation_split"):
+        load_image_data(DataArguments(validation_split=1.0))
