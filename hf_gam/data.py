@@ -1,30 +1,26 @@
 """Image-classification datasets for ``hf-gam``: the registry of the paper's datasets, loading (Hub id, local copy in
-the Hub's layout, ``imagefolder``, the embedded sklearn digits), column normalization, validation carving, label
-noise (paper App. C.2) and the transforms (geometry from the model's image processor; torchvision augmentations).
-
-Every loaded split has exactly two columns, ``image`` (PIL, converted to RGB by the transform) and ``label``
-(``ClassLabel`` carrying the class names).
-"""
+the Hub's layout, ``imagefolder``, the embedded sklearn digits), column normalization (every split has exactly
+``image`` and ``label``, a ``ClassLabel`` with the class names), validation carving, label noise (paper App. C.2)
+and the transforms (geometry from the model's image processor; torchvision augmentations)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-import datasets
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
 logger = logging.getLogger(__name__)
 
 Augment = Literal["none", "basic", "cutout", "randaugment", "autoaugment"]
-AUGMENTS: tuple[str, ...] = ("none", "basic", "cutout", "randaugment", "autoaugment")
+AUGMENTS: tuple[str, ...] = get_args(Augment)
 
 
 class DataError(ValueError):
@@ -149,7 +145,7 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, DatasetSpec | None, str
 
 def _call_load(path: str, shown: str, **kwargs) -> DatasetDict:
     try:
-        loaded = datasets.load_dataset(path, **{k: v for k, v in kwargs.items() if v is not None})
+        loaded = load_dataset(path, **{k: v for k, v in kwargs.items() if v is not None})
     except Exception as err:  # noqa: BLE001 - every loader failure is reported as a user error
         raise DataError(f"dataset: could not load {shown!r}: {type(err).__name__}: {err}") from err
     if not isinstance(loaded, DatasetDict):
@@ -159,10 +155,8 @@ def _call_load(path: str, shown: str, **kwargs) -> DatasetDict:
 
 def _pick_column(ds: Dataset, given: str | None, feature_type: type, fallback: str) -> str:
     """``given``, else the only column of ``feature_type``, else ``fallback``."""
-    if given:
-        return given
     typed = [c for c, f in ds.features.items() if isinstance(f, feature_type)]
-    return typed[0] if len(typed) == 1 else fallback
+    return given or (typed[0] if len(typed) == 1 else fallback)
 
 
 def _label_values(ds: Dataset) -> np.ndarray:
@@ -190,16 +184,11 @@ def _normalize(raw: DatasetDict, splits: list[str], image_col: str, label_col: s
     first = out[splits[0]].features["label"]
     if isinstance(first, ClassLabel):
         names = list(first.names)
-    else:
-        values = set()
-        for ds in out.values():
-            values.update(_label_values(ds).tolist())
-        if all(isinstance(v, (int, np.integer)) for v in values):
-            names = [str(i) for i in range(int(max(values)) + 1 if values else 0)]
-        else:
-            names = sorted(str(v) for v in values)
-        for split, ds in out.items():
-            out[split] = ds.cast_column("label", ClassLabel(names=names))
+    else:  # plain values: integers 0..max, or strings (sorted)
+        values = sorted({v for ds in out.values() for v in _label_values(ds).tolist()})
+        numeric = all(isinstance(v, (int, np.integer)) for v in values)
+        names = [str(i) for i in range(int(values[-1]) + 1)] if numeric and values else [str(v) for v in values]
+        out = {split: ds.cast_column("label", ClassLabel(names=names)) for split, ds in out.items()}
     for split, ds in out.items():
         labels = _label_values(ds)
         bad = labels[(labels < 0) | (labels >= len(names))]
@@ -214,12 +203,10 @@ def _normalize(raw: DatasetDict, splits: list[str], image_col: str, label_col: s
 def apply_label_noise(ds: Dataset, rate: float, num_classes: int, seed: int) -> tuple[Dataset, int]:
     """Flip ``round(rate * len(ds))`` labels, chosen without replacement, each to a class drawn uniformly among the
     *other* classes (symmetric noise, paper App. C.2). Returns the new dataset and the number flipped."""
-    if not 0.0 <= rate <= 1.0:
-        raise DataError(f"label_noise must be in [0, 1]; got {rate!r}")
+    if not 0.0 <= rate <= 1.0 or (rate > 0 and num_classes < 2):
+        raise DataError(f"label_noise must be in [0, 1] (with >= 2 classes); got {rate!r} ({num_classes} classes)")
     if rate == 0.0:
         return ds, 0
-    if num_classes < 2:
-        raise DataError(f"label_noise: needs at least 2 classes; got {num_classes}")
     labels = _label_values(ds).astype(np.int64)
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(labels), size=int(round(rate * len(labels))), replace=False)
@@ -268,8 +255,7 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         noise_seed = seed if args.label_noise_seed is None else args.label_noise_seed
         train, flipped = apply_label_noise(train, args.label_noise, len(names), noise_seed)
         noise = {"rate": args.label_noise, "flipped": flipped, "total": len(train), "seed": noise_seed}
-        logger.warning("label noise: flipped %d of %d training labels (rate %s, seed %d)", flipped, len(train),
-                       args.label_noise, noise_seed)
+        logger.warning("label noise: flipped %(flipped)d of %(total)d training labels (rate %(rate)s)", noise)
     return ImageData(train=train, eval=test, class_names=names, name=args.dataset, hub_id=hub_id,
                      eval_split=eval_split, validation=validation, image_size=spec.image_size if spec else 224,
                      default_augment=spec.default_augment if spec else "basic", noise=noise)
@@ -277,15 +263,12 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
 
 # ----------------------------------------------------------------------------------------------- transforms
 def _interpolation(value: Any) -> InterpolationMode:
-    if isinstance(value, InterpolationMode):
-        return value
-    if isinstance(value, str):
-        return InterpolationMode(value.lower())
-    if value is None:
-        return InterpolationMode.BILINEAR
+    """torchvision's mode for a timm string, a PIL resample code (HF processors) or None (bilinear)."""
     from PIL.Image import Resampling
 
-    return InterpolationMode[Resampling(int(value)).name]
+    if value is None or isinstance(value, InterpolationMode):
+        return value or InterpolationMode.BILINEAR
+    return InterpolationMode(value.lower()) if isinstance(value, str) else InterpolationMode[Resampling(value).name]
 
 
 def image_geometry(processor: Any) -> dict[str, Any]:
