@@ -1,0 +1,181 @@
+"""Cost of one optimizer step of every ``gam_mode`` over the plain ``transformers.Trainer`` step, on CPU.
+
+Time: the same model (a copy per mode, same initial weights), the same batch, every mode stepped round-robin in
+one process (the order rotates every round, so machine noise hits every mode alike); a step is what the Trainer's
+loop does: ``training_step`` + ``optimizer.step()`` (SGD, momentum 0.9) + ``zero_grad``. ``gam_fast every 10`` is
+timed as blocks of 10 consecutive steps (one GAM step, nine plain), reported per step. The reported figure is the
+median over rounds; ``--clock cpu`` (default) measures the process's CPU time, which other processes on a shared
+machine do not inflate; ``--clock wall`` measures elapsed time.
+
+Memory: the peak of the bytes a step allocates above what was live before it (parameters, optimizer state and
+inputs excluded), from the allocator records of ``torch.profiler(profile_memory=True)``, in units of the model's
+parameter size P. The ``mlp`` model (2.1M parameters, batch 8) has negligible activations, so its "beyond the
+plain step" column counts parameter-sized buffers held beyond the gradient.
+
+Leaks: ``--leak-steps`` steps of every mode on a tiny model; live tensor bytes (gc) and RSS after 10% of them and
+at the end.
+
+    python benchmarks/step_cost.py                      # the README table (a few minutes on 2 cores)
+    python benchmarks/step_cost.py --tiny               # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (CPU_BENCHES, MODES, TARGETS, cpu_peak_step_bytes, git_commit, interleaved_times,  # noqa: E402
+                     live_tensor_bytes, machine_line, make_trainer, make_trainers, num_params, optimizer_step,
+                     param_bytes, rss_bytes, summarize, tmp_output_dir)
+
+from hf_gam.directions import MODES as SPECS  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "results", "step_cost_cpu.md")
+
+
+def passes_of(label: str) -> str:
+    if label.startswith("Trainer"):
+        return "1"
+    mode = label.split()[0]
+    return str(SPECS[mode].passes) + (" (1 step in 10)" if "every" in label else "")
+
+
+def time_models(models, rounds, clock):
+    clock_fn = time.process_time if clock == "cpu" else time.perf_counter
+    out = {}
+    for name in models:
+        bench = CPU_BENCHES[name]
+        model, batch = bench.build(), bench.data()
+        trainers = make_trainers(model, MODES, tmp_output_dir(), use_cpu=True)
+        times = interleaved_times(trainers, batch, rounds, block=lambda label: 10 if "every 10" in label else 1,
+                                  clock=clock_fn)
+        out[name] = {"params": num_params(model), "batch": bench.batch, "summary": summarize(times)}
+    return out
+
+
+def memory_models(models):
+    out = {}
+    for name in models:
+        bench = CPU_BENCHES[name]
+        model, batch = bench.build(), bench.data()
+        P = param_bytes(model)
+        n = torch.tensor(bench.batch)
+        peaks = {}
+        for label, overrides in MODES:
+            trainer = make_trainer(copy.deepcopy(model), overrides, tmp_output_dir(), use_cpu=True)
+            for _ in range(2):  # warm up: optimizer state exists, allocator caches settled
+                trainer.state.global_step = 0
+                optimizer_step(trainer, batch, n)
+            trainer.state.global_step = 0  # an active step for "every 10"
+            peaks[label] = cpu_peak_step_bytes(lambda: optimizer_step(trainer, batch, n)) / P
+        base = peaks["Trainer (plain)"]
+        out[name] = {"param_bytes": P, "peak": peaks, "beyond_plain": {k: v - base for k, v in peaks.items()}}
+    return out
+
+
+def leak_check(steps, bench_name="tiny"):
+    bench = CPU_BENCHES[bench_name]
+    model, batch = bench.build(), bench.data()
+    n = torch.tensor(bench.batch)
+    out = {}
+    for label, overrides in MODES:
+        trainer = make_trainer(copy.deepcopy(model), overrides, tmp_output_dir(), use_cpu=True)
+        early = max(50, steps // 10) if steps >= 100 else max(1, steps // 10)
+        for i in range(steps):
+            optimizer_step(trainer, batch, n, log_every=50)
+            if i + 1 == early:
+                t_early, r_early = live_tensor_bytes(), rss_bytes()
+        out[label] = {"tensor_bytes_growth": live_tensor_bytes() - t_early, "rss_growth": rss_bytes() - r_early,
+                      "early_step": early, "steps": steps}
+    return out
+
+
+def _malloc_env() -> str:
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    return (" glibc malloc settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) + ".") if env else ""
+
+
+def render(result) -> str:
+    t, m, leak = result["time"], result["memory"], result["leak"]
+    models = list(t)
+    lines = [f"# Step cost on CPU ({result['clock']} time)", "",
+             f"Machine: {result['machine']}; hf_gam commit {result['commit']}; {result['rounds']} interleaved rounds "
+             "after 2 warm-up rounds; median per optimizer step, ratio over the plain `transformers.Trainer` step "
+             "(same model, batch, SGD momentum 0.9)." + _malloc_env(), "",
+             "Models: " + "; ".join(f"`{k}` {v['params']:,} parameters, batch {v['batch']}" for k, v in t.items()),
+             ""]
+    head = "| mode | passes | " + " | ".join(f"{k} ms | {k} ratio" for k in models) + " | target | met |"
+    lines += [head, "|" + "---|" * (2 + 2 * len(models) + 2)]
+    for label, _ in MODES:
+        cells = []
+        for k in models:
+            s = t[k]["summary"][label]
+            cells += [f"{s['median_ms']:.1f}", f"{s['ratio']:.3f}x"]
+        target = TARGETS.get(label)
+        met = "" if target is None else ("yes" if all(t[k]["summary"][label]["ratio"] <= target for k in models)
+                                         else "no (" + ", ".join(k for k in models
+                                                                 if t[k]["summary"][label]["ratio"] > target) + ")")
+        lines.append(f"| {label} | {passes_of(label)} | " + " | ".join(cells)
+                     + f" | {'' if target is None else f'<= {target}x'} | {met} |")
+    if m:
+        mm = list(m)
+        lines += ["", "## Peak memory of a step, in units of the parameter size P", "",
+                  "Peak bytes allocated during one optimizer step above what was live before it (gradient, "
+                  "activations, backups, temporaries), over P. `beyond plain`: minus the plain Trainer step's peak "
+                  "(whose peak is the gradient plus activations).", "",
+                  "| mode | " + " | ".join(f"{k} peak/P | {k} beyond plain" for k in mm) + " |",
+                  "|---|" + "---:|" * (2 * len(mm))]
+        for label, _ in MODES:
+            lines.append(f"| {label} | " + " | ".join(f"{m[k]['peak'][label]:.2f} | {m[k]['beyond_plain'][label]:+.2f}"
+                                                       for k in mm) + " |")
+    if leak:
+        any_label = next(iter(leak.values()))
+        lines += ["", f"## Memory growth over {any_label['steps']} steps (tiny model)", "",
+                  f"Growth between step {any_label['early_step']} and step {any_label['steps']}.", "",
+                  "| mode | live tensor bytes | RSS (KiB) |", "|---|---:|---:|"]
+        for label, v in leak.items():
+            lines.append(f"| {label} | {v['tensor_bytes_growth']:+,} | {v['rss_growth'] / 1024:+,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="cnn,vit", help="models to time (cnn, vit, mlp, tiny)")
+    ap.add_argument("--memory-models", default="cnn,vit,mlp", help="models whose step memory is measured")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--leak-steps", type=int, default=1000)
+    ap.add_argument("--tiny", action="store_true", help="smoke run: tiny model, 2 rounds, 100 leak steps")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="markdown file to write ('' to skip)")
+    ap.add_argument("--json", default="", help="also write the raw numbers as JSON here")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.models, a.memory_models, a.rounds, a.leak_steps = "tiny", "tiny", 2, 100
+    torch.set_num_threads(a.threads)
+    result = {"machine": machine_line(), "commit": git_commit(), "clock": a.clock, "rounds": a.rounds}
+    result["time"] = time_models([x for x in a.models.split(",") if x], a.rounds, a.clock)
+    result["memory"] = memory_models([x for x in a.memory_models.split(",") if x])
+    result["leak"] = leak_check(a.leak_steps) if a.leak_steps > 0 else {}
+    text = render(result)
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
