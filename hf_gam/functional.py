@@ -50,7 +50,9 @@ def global_norm(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None = No
         raise ValueError("global_norm needs at least one tensor")
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     norms = torch._foreach_norm(list(tensors))
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+    if any(n.dtype != dtype for n in norms):
+        norms = [n.to(dtype) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:

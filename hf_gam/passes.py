@@ -96,6 +96,7 @@ class WindowOracle:
         self._bn_before = self.bn.snapshot()  # pre-step statistics: put back if the step fails
         self._bn_clean: list[Tensor] | None = None  # after the clean pass: what a successful step keeps
         self.passes = 0
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self._device)
 
     @property
     def _device(self) -> torch.device:
@@ -131,13 +132,20 @@ class WindowOracle:
         return tensors
 
     def _checked(self, *results: list[Tensor]) -> None:
-        """Raise :class:`NonFiniteGradient` if a gradient / HVP of this call is not finite; snapshot BatchNorm
-        statistics after the clean call."""
+        """Record (without a host sync) whether a gradient / HVP of this call is not finite: the first non-finite
+        call is kept in ``first_bad_call`` (0 = none) and read once per step by :meth:`raise_if_nonfinite`.
+        Snapshot BatchNorm statistics after the clean call."""
         for tensors in results:
-            if not bool(torch.isfinite(F.global_norm(tensors))):
-                raise NonFiniteGradient(self.calls)
+            bad = ~torch.isfinite(F.global_norm(tensors))
+            self._first_bad = torch.where(bad & (self._first_bad == 0), self.calls, self._first_bad)
         if self._bn_clean is None:
             self._bn_clean = self.bn.snapshot()
+
+    def raise_if_nonfinite(self) -> None:
+        """One host sync per step: raise :class:`NonFiniteGradient` naming the first call that was not finite."""
+        first = int(self._first_bad)
+        if first:
+            raise NonFiniteGradient(first)
 
     def _pass(self, batch, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         self.passes += 1
@@ -243,6 +251,7 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
     """
     try:
         d, stats = compute_direction(hyper, params, oracle)
+        oracle.raise_if_nonfinite()
     except NonFiniteGradient as err:
         if oracle.loss_scale is not None:
             oracle.close(failed=True)
@@ -256,6 +265,8 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
                 "non-finite gradient; lower the learning rate or check the data") from None
         try:
             loss, d = oracle.grad()  # the clean gradient again, at the restored weights
+            if not bool(torch.isfinite(F.global_norm(d))):
+                raise FloatingPointError(f"gam_mode={hyper.mode!r}: the clean gradient is not finite on recompute")
         except BaseException:
             oracle.close(failed=True)
             raise
