@@ -3,7 +3,8 @@
 ``hf-gam train [FLAGS | config.yaml | config.json]`` fine-tunes (or trains from scratch) an image classifier with
 :class:`hf_gam.GAMTrainer`. Flags come from ``transformers.HfArgumentParser`` over :class:`~hf_gam.models.ModelArguments`,
 :class:`~hf_gam.data.DataArguments`, :class:`RunArguments` and :class:`~hf_gam.GAMConfig`; with no argument at all it
-trains a small ViT with GAM on sklearn's digits (embedded, no download) in a few minutes on a laptop CPU.
+trains a small ResNet with exact GAM on sklearn's digits (embedded, no download): ~98% test accuracy in well under
+a minute on two idle CPU cores.
 
 User errors (bad flags, unknown datasets, missing columns, unreadable models, a push that cannot succeed) are
 printed as one ``hf-gam: error: ...`` line with exit status 2, before anything is computed or written.
