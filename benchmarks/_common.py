@@ -9,6 +9,7 @@ A "step" is exactly what ``Trainer._inner_training_loop`` does per optimizer ste
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import statistics
@@ -303,3 +304,15 @@ def git_commit() -> str:
 
 def tmp_output_dir() -> str:
     return tempfile.mkdtemp(prefix="hf_gam_bench_")
+
+
+def write_report(text: str, out: str = "", json_path: str = "", payload=None) -> None:
+    """Print the markdown ``text``; write it to ``out`` and ``payload`` as JSON to ``json_path`` when given."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1)

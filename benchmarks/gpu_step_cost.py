@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (MODES, git_commit, interleaved_times, make_trainer, num_params,  # noqa: E402
-                     optimizer_step, param_bytes, summarize, tmp_output_dir)
+                     optimizer_step, param_bytes, summarize, tmp_output_dir, write_report)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHS = {"resnet18": "resnet18", "vit_s": "vit_small_patch16_224"}
@@ -143,14 +142,7 @@ def main(argv=None):
               "the fp32 parameter size P.")
     rows = run([m for m in a.models.split(",") if m], dtypes, a.batch, a.image_size, a.rounds, a.device, a.tiny)
     text = render(rows, header)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_report(text, a.out, a.json, rows)
     return rows
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (CPU_BENCHES, MODES, TARGETS, cpu_peak_step_bytes, git_commit, interleaved_times,  # noqa: E402
                      live_tensor_bytes, machine_line, make_trainer, make_trainers, num_params, optimizer_step,
-                     param_bytes, rss_bytes, summarize, tmp_output_dir)
+                     param_bytes, rss_bytes, summarize, tmp_output_dir, write_report)
 
 from hf_gam.directions import MODES as SPECS  # noqa: E402
 
@@ -166,14 +165,7 @@ def main(argv=None):
     result["memory"] = memory_models([x for x in a.memory_models.split(",") if x])
     result["leak"] = leak_check(a.leak_steps) if a.leak_steps > 0 else {}
     text = render(result)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_report(text, a.out, a.json, result)
     return result
 
 

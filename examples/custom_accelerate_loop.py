@@ -2,7 +2,7 @@
 
 Per step: a :class:`hf_gam.passes.MicroBatchOracle` says how to get the loss of this batch at the current weights
 (its passes run under ``accelerator.no_sync``, since DDP does not reduce ``torch.autograd.grad`` results);
-:func:`hf_gam.passes.compute_direction` runs the passes of the mode (``gam``: Algorithm 1) and returns the update
+:func:`hf_gam.passes.run_passes` runs the passes of the mode (``gam``: Algorithm 1) and returns the update
 direction ``d`` with the weights restored bit for bit; the loop averages ``d`` over processes (what DDP would have
 done), puts it in ``p.grad`` and lets the optimizer step. ``--gam_mode none`` is plain training.
 
@@ -33,7 +33,7 @@ from hf_gam.config import MODE_DEFAULTS
 from hf_gam.data import DataArguments, build_transforms, collate, load_image_data, with_transform
 from hf_gam.directions import GAMHyper
 from hf_gam.models import ModelArguments, load_model
-from hf_gam.passes import MicroBatchOracle, compute_direction
+from hf_gam.passes import MicroBatchOracle, run_passes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,10 +86,7 @@ def main(argv=None) -> float:
                 return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
             oracle = MicroBatchOracle(model, params, loss_fn, pass_context=lambda: accelerator.no_sync(model))
-            try:
-                d, stats = compute_direction(hyper, params, oracle)
-            finally:
-                oracle.close()
+            d, stats = run_passes(hyper, params, oracle)  # BatchNorm clean-up, non-finite fallback included
             if accelerator.num_processes > 1:  # average the directions over processes, as DDP would
                 for t in d:
                     dist.all_reduce(t, op=dist.ReduceOp.SUM)
