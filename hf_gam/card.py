@@ -99,7 +99,8 @@ def _eval_results(results: Mapping[str, Any], dataset_name: str | None, split: s
 def render_model_card(args: Any, *, model_name: str, base_model: str | None = None, dataset_name: str | None = None,
                       results: Mapping[str, Any] | None = None, label_noise: Mapping[str, Any] | None = None,
                       extra: Mapping[str, Any] | None = None, tags: list[str] | str | None = None,
-                      eval_split: str | None = None) -> ModelCard:
+                      eval_split: str | None = None, flatness: Mapping[str, Any] | None = None,
+                      flatness_dir: str = "flatness/") -> ModelCard:
     """Render the GAM model card.
 
     Args:
@@ -112,6 +113,8 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
         extra: more rows for the "Model and data" table (``architecture`` also names a from-scratch model).
         tags: tags added to ``gam``, ``sam``, ``image-classification``, ``hf-gam`` and the mode.
         eval_split: split the ``eval_*`` results come from (metadata only).
+        flatness: a :func:`hf_gam.run_flatness` result: the card gets a flatness section with its numbers and its
+            pictures (``flatness_dir`` is their folder relative to the card).
     """
     from .directions import MODES
 
@@ -134,4 +137,13 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
         mode_summary=spec.summary if spec else mode, passes=f"{passes:.3g}",
         architecture=extra.get("architecture", "an image classifier"),
         results={k: _fmt(v) for k, v in results.items()}, gam=_gam_settings(args),
-        optimizer=_optimizer_settings(args), data={k: _fmt(v) for k, v in extra.items()}, versions=_versions())
+        optimizer=_optimizer_settings(args), data={k: _fmt(v) for k, v in extra.items()}, versions=_versions(),
+        flatness_section=_flatness_section(flatness, flatness_dir))
+
+
+def _flatness_section(flatness: Mapping[str, Any] | None, image_dir: str) -> str:
+    if not flatness:
+        return ""
+    from .flatness_cli import flatness_markdown
+
+    return flatness_markdown(flatness, image_prefix=image_dir).replace("## Flatness", "### Flatness", 1)

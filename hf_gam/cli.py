@@ -234,6 +234,7 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
     if not args.push_to_hub:
         trainer.save_model()
 
+    flat = None
     if run_args.flatness_at_end and trainer.is_world_process_zero():
         from .flatness_cli import run_flatness
 
@@ -246,7 +247,7 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
     card = {"model_name": os.path.basename(os.path.normpath(args.output_dir)), "finetuned_from": loaded.base_model,
             "dataset": data.hub_id or data.name, "results": metrics,
-            "label_noise": data.noise, "eval_split": data.eval_split,
+            "label_noise": data.noise, "eval_split": data.eval_split, "flatness": flat,
             "extra": {"model": model_args.model, "from_scratch": loaded.from_scratch, "augment": augment,
                       "classes": len(data.class_names), "train_examples": len(data.train),
                       "eval_split": data.eval_split, **model_summary(trainer.model)}}

@@ -232,10 +232,11 @@ class GAMTrainer(Trainer):
                           dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
                           dataset_args: str | list[str] | None = None, *, results: dict | None = None,
                           label_noise: dict | None = None, extra: dict | None = None,
-                          eval_split: str | None = None) -> None:
+                          eval_split: str | None = None, flatness: dict | None = None) -> None:
         """Write the GAM model card (:func:`hf_gam.card.render_model_card`: every ``gam_*`` value, optimizer and
         schedule, results, versions, citation) to ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain
-        ``trainer.push_to_hub()`` gets the same card. ``results`` default to the last evaluation's metrics."""
+        ``trainer.push_to_hub()`` gets the same card. ``results`` default to the last evaluation's metrics;
+        ``flatness`` (a :func:`hf_gam.run_flatness` result written to ``output_dir/flatness``) adds its section."""
         if not self.is_world_process_zero():
             return
         from .card import render_model_card
@@ -249,7 +250,7 @@ class GAMTrainer(Trainer):
         card = render_model_card(
             self.args, model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
             base_model=finetuned_from, dataset_name=dataset if isinstance(dataset, str) else None, results=results,
-            label_noise=label_noise, extra=extra, tags=tags, eval_split=eval_split)
+            label_noise=label_noise, extra=extra, tags=tags, eval_split=eval_split, flatness=flatness)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ------------------------------------------------------------------------------------- checkpoints

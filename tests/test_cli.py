@@ -90,7 +90,10 @@ def test_flatness_at_end_and_flatness_command(tmp_path, hub_copies, tiny_vit_dir
     assert main(["train", *data, "--model", str(tiny_vit_dir), "--output_dir", str(out), "--flatness_at_end",
                  "true", *tiny_train_flags, *FLATNESS_TINY]) == 0
     assert (out / "flatness" / "flatness.json").is_file()
-    assert "flatness_lambda_max" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "flatness_lambda_max" in card and "### Flatness" in card
+    for picture in ("flatness/flatness_spectrum.png", "flatness/flatness_landscape.png"):
+        assert f"]({picture})" in card and (out / picture).is_file()
     report = tmp_path / "report"
     assert main(["flatness", "--model", str(out), *data, "--output_dir", str(report), "--batch_size", "4",
                  "--compare", str(tiny_vit_dir), *FLATNESS_TINY]) == 0
