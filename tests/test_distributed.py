@@ -17,10 +17,10 @@ HERE = os.path.dirname(__file__)
 CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")]
 
 
-def torchrun(script, *args, nproc=2, timeout=600):
+def torchrun(script, *args, nproc=2, timeout=600, launcher=("torch.distributed.run", "--standalone",
+                                                                "--nproc_per_node")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": HERE}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           os.path.join(HERE, "workers", script), *args]
+    cmd = [sys.executable, "-m", *launcher, str(nproc), os.path.join(HERE, "workers", script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -65,3 +65,16 @@ def test_one_process_accumulation_two_equals_same_reference(tmp_path, mode, scop
         union = {k: torch.cat([b[k] for b in trainer.seen]) for k in trainer.seen[0]}
         d_ref = direction(mode, loss_of(trainer.model, union), theta0, **kw)
     assert_rel(theta0 - theta1, d_ref)
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_multi_process(tmp_path):
+    """The same step launched by `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU)."""
+    torchrun("ddp_step.py", str(tmp_path), "gam_fast:global",
+             launcher=("accelerate.commands.launch", "--multi_gpu", "--main_process_port", "0", "--num_processes"))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["gam_fast:global"] for r in range(2))
+    assert r0["world"] == 2 and torch.equal(r0["theta1"], r1["theta1"])
+    batches = r0["seen"] + r1["seen"]
+    union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    kw = ref_kwargs(sgd_args("unused", gam_mode="gam_fast", **HP))
+    assert_rel(r0["theta0"] - r0["theta1"], direction("gam_fast", loss_of(tiny_model(), union), r0["theta0"], **kw))
