@@ -180,8 +180,9 @@ class GAMTrainer(Trainer):
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
-        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else None
-        return self.args.gam_hyper(lr)
+        if self.args.gam_rho_schedule == "constant" or self.lr_scheduler is None:
+            return self.args.gam_hyper()
+        return self.args.gam_hyper(self._get_learning_rate())
 
     def _loss_scale(self) -> float | None:
         """The fp16 GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None``."""
