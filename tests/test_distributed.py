@@ -29,7 +29,7 @@ def torchrun(script, *args, nproc=2, timeout=600, launcher=("torch.distributed.r
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    torchrun("ddp_step.py", str(out), ",".join(f"{m}:{s}" for m, s in CASES))
+    torchrun("ddp_step.py", str(out), ",".join([f"{m}:{s}" for m, s in CASES] + ["gam:local:2"]))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -78,3 +78,16 @@ def test_accelerate_launch_multi_process(tmp_path):
     union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     kw = ref_kwargs(sgd_args("unused", gam_mode="gam_fast", **HP))
     assert_rel(r0["theta0"] - r0["theta1"], direction("gam_fast", loss_of(tiny_model(), union), r0["theta0"], **kw))
+
+
+@pytest.mark.distributed
+def test_two_processes_gam_every_mixes_plain_ddp_steps(ddp_results):
+    """gam_every=2 under DDP: GAM step (explicit all-reduce), plain DDP step (the reducer), GAM step again."""
+    r0, r1 = (r["gam:local:2"] for r in ddp_results)
+    assert torch.equal(r0["theta1"], r1["theta1"])
+    kw = ref_kwargs(sgd_args("unused", gam_mode="gam", **HP))
+    model, theta = tiny_model(), r0["theta0"]
+    for t, pair in enumerate(zip(r0["seen"], r1["seen"])):
+        mode = "gam" if t % 2 == 0 else "none"
+        theta = theta - sum(direction(mode, loss_of(model, b), theta, **kw) for b in pair) / 2
+    assert_rel(r0["theta1"], theta, tol=1e-9)
