@@ -112,8 +112,6 @@ def test_gam_every_schedule(tmp_path):
         mode = "gam" if t % 2 == 0 else "none"
         theta = theta - direction(mode, loss_of(trainer.model, b), theta, **kw)
     assert_rel(theta3, theta, tol=1e-9)
-    flops = [trainer.floating_point_ops(b) for b in batches[:1]]
-    assert flops[0] > 0
 
 
 REDUCTIONS = [
