@@ -59,21 +59,23 @@ class GAMHyper:
     adaptive: bool = False
 
 
-def _unit(eps: float) -> Callable[[list[Tensor]], list[Tensor]]:
-    """``v -> v / (‖v‖ + eps)``."""
+class _Unit:
+    """``v -> v / (‖v‖ + eps)``, keeping ``‖v‖`` (the caller logs it; no second norm)."""
 
-    def f(v: list[Tensor]) -> list[Tensor]:
-        return torch._foreach_div(v, (F.global_norm(v) + eps).to(v[0].dtype))
+    def __init__(self, eps: float):
+        self.eps, self.norm = eps, None
 
-    return f
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        self.norm = F.global_norm(v)
+        return torch._foreach_div(v, (self.norm + self.eps).to(v[0].dtype))
 
 
 def _ascend(params: Sequence[Tensor], v: list[Tensor], r: float, eps: float, adaptive: bool,
-            consume: bool = False) -> None:
+            consume: bool = False, norm: Tensor | None = None) -> None:
     """``θ <- θ + r v/(‖v‖+ξ)`` (or ASAM's rule) in place; with ``consume`` the step is built in ``v``'s storage
-    (``v`` is garbage afterwards), saving a parameter-sized temporary."""
+    (``v`` is garbage afterwards), saving a parameter-sized temporary; ``norm`` is ``‖v‖`` if already known."""
     weights = [p.detach() for p in params] if adaptive else None
-    step = F.ascent_step_(v, r, eps, weights) if consume else F.ascent_step(v, r, eps, weights)
+    step = (F.ascent_step_ if consume else F.ascent_step)(v, r, eps, weights, norm=norm)
     F.add_(params, step)
 
 
@@ -82,7 +84,7 @@ def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps:
     loss, g = grad_fn()
     stats = {"loss": loss, "grad_norm": F.global_norm(g)}
     with F.weights_restored(params):
-        _ascend(params, g, rho, eps, adaptive, consume=True)
+        _ascend(params, g, rho, eps, adaptive, consume=True, norm=stats["grad_norm"])
         del g
         _, g_sam = grad_fn()
     stats["ascent_grad_norm"] = F.global_norm(g_sam)
@@ -92,8 +94,9 @@ def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps:
 def gnp_direction(params: Sequence[Tensor], grad_hvp_fn: GradHvpFn, *, rho: float, alpha: float, eps: float):
     """Gradient-norm penalty (GAM without the ascent, paper App. C "ρ = 0"): ``d = g + α ρ H g/(‖g‖+ξ)``
     (``H g/‖g‖ = ∇‖g‖``). One pass and one HVP; the weights are not moved."""
-    loss, g, f = grad_hvp_fn(_unit(eps))
-    stats = {"loss": loss, "grad_norm": F.global_norm(g)}
+    unit = _Unit(eps)
+    loss, g, f = grad_hvp_fn(unit)
+    stats = {"loss": loss, "grad_norm": unit.norm}
     return F.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
 
 
@@ -105,18 +108,19 @@ def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHv
     With ``sam_rho`` (mode ``gam_sam``) the oracle gradient ``g`` in ``d`` is SAM's, ``g(θ + ρs g/(‖g‖+ξ))``:
     one more pass.
     """
-    loss, g, f = grad_hvp_fn(_unit(eps))
-    stats = {"loss": loss, "grad_norm": F.global_norm(g)}
+    unit, unit_a = _Unit(eps), _Unit(eps)
+    loss, g, f = grad_hvp_fn(unit)
+    stats = {"loss": loss, "grad_norm": unit.norm}
     with F.weights_restored(params) as theta:
         if sam_rho is not None:
-            _ascend(params, g, sam_rho, eps, adaptive, consume=True)
+            _ascend(params, g, sam_rho, eps, adaptive, consume=True, norm=unit.norm)
             _, g = grad_fn()
             stats["sam_grad_norm"] = F.global_norm(g)
             F.copy_(params, theta)
         _ascend(params, f, rho, eps, adaptive, consume=True)
         del f
-        _, ga, h = grad_hvp_fn(_unit(eps))
-    stats["ascent_grad_norm"] = F.global_norm(ga)
+        _, ga, h = grad_hvp_fn(unit_a)
+    stats["ascent_grad_norm"] = unit_a.norm
     del ga
     torch._foreach_mul_(h, rho)
     return F.gam_combine(g, h, alpha), stats
@@ -134,7 +138,7 @@ def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float,
     loss, g0 = grad_fn()
     stats = {"loss": loss, "grad_norm": F.global_norm(g0)}
     with F.weights_restored(params) as theta:
-        _ascend(params, g0, rho_prime, eps, adaptive)
+        _ascend(params, g0, rho_prime, eps, adaptive, norm=stats["grad_norm"])
         _, g1 = grad_fn()
         F.copy_(params, theta)
         h0 = torch._foreach_sub(g1, g0)
@@ -143,7 +147,7 @@ def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float,
         _, g2 = grad_fn()
         stats["ascent_grad_norm"] = F.global_norm(g2)
         h_minus = F.h_minus_(g0, g2, beta, variant)
-        _ascend(params, g2, rho_prime, eps, adaptive, consume=True)
+        _ascend(params, g2, rho_prime, eps, adaptive, consume=True, norm=stats["ascent_grad_norm"])
         del g2
         _, g3 = grad_fn()
     h_plus = F.h_plus_(g1, g3, alpha)

@@ -62,18 +62,22 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
                start=torch.zeros((), dtype=dtype, device=a[0].device))
 
 
-def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None) -> TensorList:
+def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None,
+                norm: Tensor | None = None) -> TensorList:
     """The perturbation ``e`` of an ascent step ``θ + e`` along ``v`` with radius ``rho``.
 
     Plain: ``e = rho * v / (‖v‖ + eps)``. Adaptive (ASAM, ``weights`` = the current weights θ, ``T = |θ|``):
     ``e = rho * T² v / (‖T v‖ + eps)``. A new list is returned; ``v`` is not modified.
     """
-    return ascent_step_(torch._foreach_mul(list(v), 1.0), rho, eps, weights)
+    return ascent_step_(torch._foreach_mul(list(v), 1.0), rho, eps, weights, norm=norm)
 
 
-def ascent_step_(v: list[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None) -> TensorList:
-    """:func:`ascent_step` computed in ``v``'s storage (no parameter-sized temporary in the plain case)."""
-    norm = global_norm(v, weights)
+def ascent_step_(v: list[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None,
+                 norm: Tensor | None = None) -> TensorList:
+    """:func:`ascent_step` computed in ``v``'s storage (no parameter-sized temporary in the plain case).
+    ``norm``: ``‖v‖`` when the caller has it already (plain steps only; adaptive steps need ``‖T v‖``)."""
+    if norm is None or weights is not None:
+        norm = global_norm(v, weights)
     scale = (rho / (norm + eps)).to(v[0].dtype)
     if weights is not None:
         torch._foreach_mul_(v, list(weights))

@@ -24,8 +24,7 @@ from . import functional as F
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes",
-           "NonFiniteGradient"]
+__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
 
 
 def second_order_context() -> contextlib.AbstractContextManager:
@@ -96,7 +95,6 @@ class WindowOracle:
         self._bn_before = self.bn.snapshot()  # pre-step statistics: put back if the step fails
         self._bn_clean: list[Tensor] | None = None  # after the clean pass: what a successful step keeps
         self.passes = 0
-        self._first_bad = torch.zeros((), dtype=torch.long, device=self._device)
 
     @property
     def _device(self) -> torch.device:
@@ -131,21 +129,10 @@ class WindowOracle:
             torch._foreach_div_(tensors, self.loss_scale)
         return tensors
 
-    def _checked(self, *results: list[Tensor]) -> None:
-        """Record (without a host sync) whether a gradient / HVP of this call is not finite: the first non-finite
-        call is kept in ``first_bad_call`` (0 = none) and read once per step by :meth:`raise_if_nonfinite`.
-        Snapshot BatchNorm statistics after the clean call."""
-        for tensors in results:
-            bad = ~torch.isfinite(F.global_norm(tensors))
-            self._first_bad = torch.where(bad & (self._first_bad == 0), self.calls, self._first_bad)
+    def _after_call(self) -> None:
+        """Snapshot BatchNorm statistics after the clean (first) call: what a successful step keeps."""
         if self._bn_clean is None:
             self._bn_clean = self.bn.snapshot()
-
-    def raise_if_nonfinite(self) -> None:
-        """One host sync per step: raise :class:`NonFiniteGradient` naming the first call that was not finite."""
-        first = int(self._first_bad)
-        if first:
-            raise NonFiniteGradient(first)
 
     def _pass(self, batch, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         self.passes += 1
@@ -168,7 +155,7 @@ class WindowOracle:
     def grad(self) -> tuple[Tensor, list[Tensor]]:
         self.calls += 1
         loss, g = self._grad_sweep()
-        self._checked(g)
+        self._after_call()
         return loss, g
 
     def grad_hvp(self, v_fn: Callable[[list[Tensor]], list[Tensor]]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -179,10 +166,10 @@ class WindowOracle:
                 g_detached = self._unscale([x.detach() for x in g])
                 hv = self._unscale(F.hvp(g, self.params, v_fn(g_detached)))
                 del g
-            self._checked(g_detached, hv)
+            self._after_call()
             return loss.detach(), g_detached, hv
         loss, g = self._grad_sweep()
-        self._checked(g)
+        self._after_call()
         v = v_fn(g)
         losses, hvs = [], []
         for batch in self.batches:
@@ -192,8 +179,7 @@ class WindowOracle:
                 losses.append(loss_i.detach())
                 del g_i
         _, hv = self._combine(losses, hvs)
-        self._checked(self._unscale(hv))
-        return loss, g, hv
+        return loss, g, self._unscale(hv)
 
     def close(self, failed: bool = False) -> None:
         """Put back the BatchNorm statistics the clean pass left, or those of before the step when it ``failed``."""
@@ -209,14 +195,6 @@ class MicroBatchOracle(WindowOracle):
                  pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         super().__init__(model, params, [None], lambda _: loss_fn(), reduce=False, loss_scale=loss_scale,
                          pass_context=pass_context)
-
-
-class NonFiniteGradient(FloatingPointError):
-    """A pass produced a non-finite gradient or HVP; ``call`` is the oracle call (1 = the clean pass)."""
-
-    def __init__(self, call: int):
-        self.call = call
-        super().__init__(f"non-finite gradient in oracle call {call}")
 
 
 def compute_direction(hyper: D.GAMHyper, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
@@ -244,36 +222,38 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
 
     - A pass raises: weights are already restored (the direction functions), BatchNorm statistics go back to
       their pre-step values, the exception propagates.
-    - fp16 (``oracle.loss_scale`` set) and any gradient overflows: the direction is ``inf`` so the GradScaler skips
+    - Finiteness is read once per step (one host sync) from two norms the step has anyway: ‖g(θ)‖ of the clean
+      pass and ‖d‖ (a non-finite value in any later pass reaches ``d`` through the ascent points or the
+      combination).
+    - fp16 (``oracle.loss_scale`` set) and anything overflows: the direction is ``inf`` so the GradScaler skips
       the whole step (and the scheduler with it) and lowers the scale; ``stats["overflow"] = 1``.
-    - Otherwise a non-finite gradient in a perturbed pass: the step falls back to the clean gradient
-      (``stats["nonfinite_fallback"] = 1``); in the clean pass itself: ``FloatingPointError`` naming the pass.
+    - Otherwise a non-finite perturbed pass: the step falls back to the clean gradient
+      (``stats["nonfinite_fallback"] = 1``); a non-finite clean pass: ``FloatingPointError`` naming it.
     """
     try:
         d, stats = compute_direction(hyper, params, oracle)
-        oracle.raise_if_nonfinite()
-    except NonFiniteGradient as err:
-        if oracle.loss_scale is not None:
-            oracle.close(failed=True)
-            d = [torch.zeros_like(p) for p in params]
-            d[0].fill_(float("inf"))
-            return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
-        if err.call == 1:
-            oracle.close(failed=True)
-            raise FloatingPointError(
-                f"gam_mode={hyper.mode!r}: the clean pass (pass 1, the gradient at the current weights) produced a "
-                "non-finite gradient; lower the learning rate or check the data") from None
-        try:
-            loss, d = oracle.grad()  # the clean gradient again, at the restored weights
-            if not bool(torch.isfinite(F.global_norm(d))):
-                raise FloatingPointError(f"gam_mode={hyper.mode!r}: the clean gradient is not finite on recompute")
-        except BaseException:
-            oracle.close(failed=True)
-            raise
-        stats = {"loss": loss, "grad_norm": F.global_norm(d), "nonfinite_fallback": torch.ones(()),
-                 "nonfinite_call": torch.tensor(err.call)}
+        clean_ok, all_ok = torch.stack([torch.isfinite(stats["grad_norm"]),
+                                        torch.isfinite(F.global_norm(d))]).tolist()
+    except BaseException:
+        oracle.close(failed=True)
+        raise
+    if clean_ok and all_ok:
+        oracle.close()
+        return d, stats
+    if oracle.loss_scale is not None:
+        oracle.close(failed=True)
+        d = [torch.zeros_like(p) for p in params]
+        d[0].fill_(float("inf"))
+        return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
+    if not clean_ok:
+        oracle.close(failed=True)
+        raise FloatingPointError(
+            f"gam_mode={hyper.mode!r}: the clean pass (pass 1, the gradient at the current weights) produced a "
+            "non-finite gradient; lower the learning rate or check the data")
+    try:
+        loss, d = oracle.grad()  # the clean gradient again, at the restored weights
     except BaseException:
         oracle.close(failed=True)
         raise
     oracle.close()
-    return d, stats
+    return d, {"loss": loss, "grad_norm": F.global_norm(d), "nonfinite_fallback": torch.ones(())}

@@ -199,9 +199,9 @@ class GAMTrainer(Trainer):
             return
         if "nonfinite_fallback" in stats:
             self.gam_counters["nonfinite_fallbacks"] += 1
-            logger.warning("step %d: a perturbed pass (oracle call %d) of gam_mode=%r gave a non-finite gradient; "
-                           "this micro-batch uses the clean gradient (%d fallbacks so far)", self.state.global_step,
-                           int(stats["nonfinite_call"]), self.args.gam_mode, self.gam_counters["nonfinite_fallbacks"])
+            logger.warning("step %d: a perturbed pass of gam_mode=%r gave a non-finite gradient; this micro-batch "
+                           "uses the clean gradient (%d fallbacks so far)", self.state.global_step,
+                           self.args.gam_mode, self.gam_counters["nonfinite_fallbacks"])
         self._gam_metrics["gam/grad_norm"].append(stats["grad_norm"].detach())
         if "ascent_grad_norm" in stats:
             self._gam_metrics["gam/ascent_grad_norm"].append(stats["ascent_grad_norm"].detach())
