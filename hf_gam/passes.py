@@ -12,11 +12,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import directions as D
@@ -24,7 +26,21 @@ from . import functional as F
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
+__all__ = ["all_reduce_", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
+
+
+def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
+    """Sum (or average) ``tensors`` over all processes in place: one flattened collective per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if mean:
+            flat /= dist.get_world_size()
+        for t, r in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(r)
 
 
 def second_order_context() -> contextlib.AbstractContextManager:
@@ -89,7 +105,9 @@ class WindowOracle:
             counts = torch.stack([torch.as_tensor(count_fn(b)).double().cpu() for b in self.batches])
             total = counts.sum()
             if self.reduce:
-                total = self._all_reduce([total.to(self._device)])[0].cpu()
+                total = total.to(self._device)
+                all_reduce_([total])
+                total = total.cpu()
             self.weights = list(counts / total)
         self.bn = BatchNormGuard(model)
         self._bn_before = self.bn.snapshot()  # pre-step statistics: put back if the step fails
@@ -100,16 +118,6 @@ class WindowOracle:
     def _device(self) -> torch.device:
         return self.params[0].device
 
-    @staticmethod
-    def _all_reduce(tensors: list[Tensor]) -> list[Tensor]:
-        flat = torch.cat([t.reshape(-1).double() for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        out, i = [], 0
-        for t in tensors:
-            out.append(flat[i:i + t.numel()].view_as(t).to(t.dtype))
-            i += t.numel()
-        return out
-
     def _combine(self, loss_parts: list[Tensor], parts: list[list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
         """Item-weighted sum of per-micro-batch values, all-reduced when ``reduce``."""
         if self.weights is None:
@@ -119,8 +127,7 @@ class WindowOracle:
         for w, part in zip(self.weights[1:], parts[1:]):
             torch._foreach_add_(total, torch._foreach_mul(part, w.to(part[0].dtype)))
         if self.reduce:
-            reduced = self._all_reduce([loss.reshape(1), *total])
-            loss, total = reduced[0].reshape(()), reduced[1:]
+            all_reduce_([loss, *total])
         return loss, total
 
     def _unscale(self, tensors: list[Tensor]) -> list[Tensor]:

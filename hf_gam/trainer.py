@@ -20,16 +20,14 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
 from .directions import MODES
-from .passes import MicroBatchOracle, WindowOracle, run_passes
+from .passes import MicroBatchOracle, WindowOracle, all_reduce_, run_passes
 
 __all__ = ["GAMTrainer"]
 
@@ -148,7 +146,7 @@ class GAMTrainer(Trainer):
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         self._accumulate_grad(params, d, weight * (scale or 1.0))
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
-            _all_reduce_mean([p.grad for p in params])
+            all_reduce_([p.grad for p in params], mean=True)
         self._record(stats)
         return (stats["loss"].double() * weight).to(self.args.device, torch.float32)
 
@@ -269,19 +267,6 @@ class GAMTrainer(Trainer):
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.gam_counters.update(json.load(f)["counters"])
-
-
-def _all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` over all processes in place: one collective per dtype (flattened buffer)."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_dtype[t.dtype].append(t)
-    for group in by_dtype.values():
-        flat = _flatten_dense_tensors(group)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= dist.get_world_size()
-        for t, r in zip(group, _unflatten_dense_tensors(flat, group)):
-            t.copy_(r)
 
 
 def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:
