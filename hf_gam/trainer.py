@@ -118,8 +118,9 @@ class GAMTrainer(Trainer):
         ``1 / accumulation steps``."""
         if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
             return torch.tensor(1.0 / self.current_gradient_accumulation_steps, dtype=torch.float64)
-        n_total = num_items_in_batch if torch.is_tensor(num_items_in_batch) else torch.tensor(num_items_in_batch)
-        w = self._num_items(inputs).double().cpu() / n_total.double().cpu()
+        n_i = self._num_items(inputs)  # on the batch's device: no host sync
+        dtype = torch.float32 if n_i.device.type == "mps" else torch.float64
+        w = n_i.to(dtype) / torch.as_tensor(num_items_in_batch, device=n_i.device).to(dtype)
         if self.args.average_tokens_across_devices:
             w = w * self.accelerator.num_processes
         return w
