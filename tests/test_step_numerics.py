@@ -61,6 +61,9 @@ CASES = [
     dict(gam_mode="gam_fast", gam_fast_variant="paper"),
     dict(gam_mode="gam_fast", gam_fast_variant="official"),
     dict(gam_mode="gam_fast", gam_fast_variant="paper", gam_adaptive=True),
+    dict(gam_mode="gam", gam_eps=0.5),  # a large ξ: every division by a norm must carry it
+    dict(gam_mode="gam_fast", gam_eps=0.5),
+    dict(gam_mode="sam", gam_eps=0.5),
 ]
 
 
