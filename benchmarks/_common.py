@@ -231,6 +231,22 @@ def summarize(times: dict[str, list[float]], base: str = "Trainer (plain)") -> d
     return out
 
 
+# -------------------------------------------------------------------------------------------------- FLOPs
+def step_flops(trainer: Trainer, batch: dict, num_items, steps: int = 1) -> float:
+    """Matmul/convolution/attention FLOPs per optimizer step (``torch.utils.flop_counter.FlopCounterMode``, mean
+    over ``steps`` consecutive steps), every pass under the SDPA math kernel so attention is counted alike in every
+    mode (the counter does not see the fused CPU kernels). The optimizer and elementwise work are not counted:
+    the figure is the passes' arithmetic, what no implementation of a mode can avoid."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        for _ in range(steps):
+            optimizer_step(trainer, batch, num_items)
+    return counter.get_total_flops() / steps
+
+
 # ------------------------------------------------------------------------------------------------- memory
 def cpu_peak_step_bytes(step: Callable[[], None]) -> int:
     """Peak of the bytes allocated by ``step()`` on the CPU above what was live when it started, from the

@@ -3,7 +3,8 @@
 Each function perturbs ``params`` in place between passes and always leaves them bit-for-bit as it found them
 (also when an oracle raises). It returns ``(d, stats)``: the direction ``d`` (a new list of tensors, the caller puts
 it into ``p.grad``) and a dict of 0-dim tensors worth logging (``loss``, ``grad_norm`` = ‖g(θ)‖, and where there is an
-ascent point ``ascent_grad_norm`` = ‖g‖ there; ρ times it estimates the first-order flatness R1).
+ascent point ``ascent_grad_norm`` = ‖g‖ there; ρ times it estimates the first-order flatness R1),
+and ``direction_norm`` = ‖d‖ where the function has it anyway (the caller's finiteness check then needs no norm).
 
 The oracles are how the world reaches the math (the big_vision GSAM pattern):
 
@@ -87,7 +88,7 @@ def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps:
         _ascend(params, g, rho, eps, adaptive, consume=True, norm=stats["grad_norm"])
         del g
         _, g_sam = grad_fn()
-    stats["ascent_grad_norm"] = F.global_norm(g_sam)
+    stats["ascent_grad_norm"] = stats["direction_norm"] = F.global_norm(g_sam)
     return g_sam, stats
 
 

@@ -58,8 +58,9 @@ def global_norm(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None = No
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Inner product ``<a, b>`` over all tensors together (a 0-dim tensor)."""
     dtype = torch.promote_types(a[0].dtype, torch.float32)
-    return sum((torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b, strict=True)),
-               start=torch.zeros((), dtype=dtype, device=a[0].device))
+    parts = [torch.vdot(x.reshape(-1) if x.dtype == dtype else x.reshape(-1).to(dtype),
+                        y.reshape(-1) if y.dtype == dtype else y.reshape(-1).to(dtype)) for x, y in zip(a, b, strict=True)]
+    return torch.stack(parts).sum()  # one reduction of the per-tensor products (half the kernels of a running sum)
 
 
 def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None,

@@ -239,8 +239,9 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
     """
     try:
         d, stats = compute_direction(hyper, params, oracle)
+        d_norm = stats.pop("direction_norm", None)
         clean_ok, all_ok = torch.stack([torch.isfinite(stats["grad_norm"]),
-                                        torch.isfinite(F.global_norm(d))]).tolist()
+                                        torch.isfinite(F.global_norm(d) if d_norm is None else d_norm)]).tolist()
     except BaseException:
         oracle.close(failed=True)
         raise
