@@ -194,40 +194,56 @@ def make_trainers(bench_model: nn.Module, modes, out_dir: str, **args_kw) -> dic
 
 
 # ------------------------------------------------------------------------------------------------- timing
+BASE = "Trainer (plain)"
+
+
 def interleaved_times(trainers: dict[str, Trainer], batch: dict, rounds: int, warmup: int = 2,
                       block: Callable[[str], int] = lambda label: 1, sync: Callable[[], None] = lambda: None,
-                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                      clock: Callable[[], float] = time.perf_counter, base: str = BASE) -> dict[str, list[float]]:
     """Seconds per optimizer step of every trainer, round-robin: each round runs every trainer once (``block``
     consecutive steps for a ``gam_every`` mode, recorded as their mean), in an order that rotates every round, so
-    machine noise hits all modes alike. The first ``warmup`` rounds are dropped."""
-    labels = list(trainers)
+    machine noise hits all modes alike. Every mode's measurement is paired with a ``base`` step taken right before
+    it (recorded under ``(label, "base")``), so a ratio can be taken within the pair, where slow drift of a shared
+    machine cancels. The first ``warmup`` rounds are dropped."""
+    labels = [label for label in trainers if label != base]
     n = batch["labels"].numel()
     num_items = torch.tensor(n, device=batch["labels"].device)
-    times: dict[str, list[float]] = {label: [] for label in labels}
+    times: dict = {label: [] for label in trainers}
+
+    def timed(label: str, k: int) -> float:
+        trainer = trainers[label]
+        if k > 1:  # start every block on an active step so each block holds exactly one GAM step
+            trainer.state.global_step = 0
+        sync()
+        t0 = clock()
+        for _ in range(k):
+            optimizer_step(trainer, batch, num_items)
+        sync()
+        return (clock() - t0) / k
+
     for r in range(warmup + rounds):
-        order = labels[r % len(labels):] + labels[:r % len(labels)]
-        for label in order:
-            trainer, k = trainers[label], block(label)
-            if k > 1:  # start every block on an active step so each block holds exactly one GAM step
-                trainer.state.global_step = 0
-            sync()
-            t0 = clock()
-            for _ in range(k):
-                optimizer_step(trainer, batch, num_items)
-            sync()
-            dt = (clock() - t0) / k
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t_base, t = timed(base, 1), timed(label, block(label))
             if r >= warmup:
-                times[label].append(dt)
+                times[base].append(t_base)
+                times[label].append(t)
+                times.setdefault((label, "base"), []).append(t_base)
     return times
 
 
-def summarize(times: dict[str, list[float]], base: str = "Trainer (plain)") -> dict[str, dict[str, float]]:
-    ref = statistics.median(times[base])
+def summarize(times: dict, base: str = BASE) -> dict[str, dict[str, float]]:
+    """Per mode: median milliseconds, quartiles, and ``ratio`` = the median over rounds of the mode's time over
+    its paired ``base`` step (see :func:`interleaved_times`)."""
     out = {}
     for label, ts in times.items():
+        if isinstance(label, tuple):
+            continue
         med = statistics.median(ts)
         q = statistics.quantiles(ts, n=4) if len(ts) >= 4 else [min(ts), med, max(ts)]
-        out[label] = {"median_ms": 1e3 * med, "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "ratio": med / ref}
+        pairs = times.get((label, "base"))
+        ratio = 1.0 if label == base else (statistics.median(t / b for t, b in zip(ts, pairs)) if pairs
+                                           else med / statistics.median(times[base]))
+        out[label] = {"median_ms": 1e3 * med, "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2], "ratio": ratio}
     return out
 
 

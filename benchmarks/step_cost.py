@@ -1,11 +1,15 @@
 """Cost of one optimizer step of every ``gam_mode`` over the plain ``transformers.Trainer`` step, on CPU.
 
 Time: the same model (a copy per mode, same initial weights), the same batch, every mode stepped round-robin in
-one process (the order rotates every round, so machine noise hits every mode alike); a step is what the Trainer's
+one process (the order rotates every round, so machine noise hits every mode alike), each mode's step right after a
+plain Trainer step (the pair's ratio cancels the slow drift of a shared machine); a step is what the Trainer's
 loop does: ``training_step`` + ``optimizer.step()`` (SGD, momentum 0.9) + ``zero_grad``. ``gam_fast every 10`` is
-timed as blocks of 10 consecutive steps (one GAM step, nine plain), reported per step. The reported figure is the
-median over rounds; ``--clock cpu`` (default) measures the process's CPU time, which other processes on a shared
-machine do not inflate; ``--clock wall`` measures elapsed time.
+timed as blocks of 10 consecutive steps (one GAM step, nine plain), reported per step. Reported: the median time
+over rounds and the median over rounds of the paired ratio; ``--clock cpu`` (default) measures the process's CPU
+time, which other processes on a shared machine do not inflate; ``--clock wall`` measures elapsed time.
+
+FLOPs: ``torch.utils.flop_counter`` over one step (ten for ``every 10``), the passes' matmul/conv/attention
+arithmetic; the time ratio of a mode can only approach its FLOP ratio from above, up to overheads.
 
 Memory: the peak of the bytes a step allocates above what was live before it (parameters, optimizer state and
 inputs excluded), from the allocator records of ``torch.profiler(profile_memory=True)``, in units of the model's
@@ -124,8 +128,8 @@ def render(result) -> str:
     models = list(t)
     lines = [f"# Step cost on CPU ({result['clock']} time)", "",
              f"Machine: {result['machine']}; hf_gam commit {result['commit']}; {result['rounds']} interleaved rounds "
-             "after 2 warm-up rounds; median per optimizer step, ratio over the plain `transformers.Trainer` step "
-             "(same model, batch, SGD momentum 0.9)." + _malloc_env(), "",
+             "after 2 warm-up rounds; median per optimizer step; ratio: median over rounds of the step over the plain "
+             "`transformers.Trainer` step run right before it (same model, batch, SGD momentum 0.9)." + _malloc_env(), "",
              "Models: " + "; ".join(f"`{k}` {v['params']:,} parameters, batch {v['batch']}" for k, v in t.items()),
              ""]
     head = ("| mode | passes | " + " | ".join(f"{k} ms | {k} ratio | {k} FLOP ratio" for k in models)
