@@ -8,8 +8,9 @@ GAM needs ``H(θ) v`` with ``v = g(θ)/‖g(θ)‖``, so ``v`` is only known aft
 - **forward-over-reverse**: a plain forward+backward for ``g``, then ``jvp(grad(L), θ, v)`` -> ``(g, H v)`` (a
   forward+backward carrying tangents).
 
-Prints median milliseconds (interleaved rounds) of each, over one plain forward+backward, and the relative
-difference of the two HVPs (they must agree to round-off).
+Prints median milliseconds (interleaved rounds) of each, over one plain forward+backward, the same ratio in
+matmul/conv/attention FLOPs (``torch.utils.flop_counter``), and the relative difference of the two HVPs (they must
+agree to round-off).
 
     python benchmarks/hvp_methods.py [--models cnn,vit] [--rounds 10] [--threads 1]
 """
@@ -25,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as TF
 from torch.func import functional_call, grad, jvp
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CPU_BENCHES, machine_line, num_params  # noqa: E402
@@ -69,6 +71,14 @@ def make_methods(model, batch):
             "forward-over-reverse": forward_over_reverse}
 
 
+def count_flops(fn) -> float:
+    """Matmul/conv/attention FLOPs of one call (``torch.utils.flop_counter``, attention under the math kernel)."""
+    counter = FlopCounterMode(display=False)
+    with counter, second_order_context():
+        fn()
+    return counter.get_total_flops()
+
+
 def run(models, rounds, threads, warmup=2):
     torch.set_num_threads(threads)
     rows = []
@@ -82,6 +92,7 @@ def run(models, rounds, threads, warmup=2):
                 m.running_mean = m.running_var = None
         batch = bench.data()
         methods = make_methods(model, batch)
+        flops = {k: count_flops(f) for k, f in methods.items()}
         _, hv_db = methods["double backward"]()
         _, hv_for = methods["forward-over-reverse"]()
         rel = float(F.global_norm(torch._foreach_sub(hv_db, hv_for)) / F.global_norm(hv_db))
@@ -96,15 +107,17 @@ def run(models, rounds, threads, warmup=2):
         base = statistics.median(times["fwd+bwd (plain)"])
         for k in labels:
             med = statistics.median(times[k])
-            rows.append((name, num_params(model), k, 1e3 * med, med / base, rel if k != labels[0] else None))
+            rows.append((name, num_params(model), k, 1e3 * med, med / base, flops[k] / flops[labels[0]],
+                         rel if k != labels[0] else None))
     return rows
 
 
 def table(rows) -> str:
-    out = ["| model | params | method | median ms | x fwd+bwd | rel. diff vs double backward |",
-           "|---|---:|---|---:|---:|---:|"]
-    for name, n, k, ms, ratio, rel in rows:
-        out.append(f"| {name} | {n:,} | {k} | {ms:.1f} | {ratio:.2f} | {'' if rel is None else f'{rel:.1e}'} |")
+    out = ["| model | params | method | median ms | x fwd+bwd | FLOPs x fwd+bwd | rel. diff vs double backward |",
+           "|---|---:|---|---:|---:|---:|---:|"]
+    for name, n, k, ms, ratio, fr, rel in rows:
+        out.append(f"| {name} | {n:,} | {k} | {ms:.1f} | {ratio:.2f} | {fr:.2f} | "
+                   f"{'' if rel is None else f'{rel:.1e}'} |")
     return "\n".join(out)
 
 

@@ -9,7 +9,8 @@ over rounds and the median over rounds of the paired ratio; ``--clock cpu`` (def
 time, which other processes on a shared machine do not inflate; ``--clock wall`` measures elapsed time.
 
 FLOPs: ``torch.utils.flop_counter`` over one step (ten for ``every 10``), the passes' matmul/conv/attention
-arithmetic; the time ratio of a mode can only approach its FLOP ratio from above, up to overheads.
+arithmetic. The time ratio tracks the FLOP ratio; it can sit a little below it, as the optimizer step and the
+Trainer's own per-step work are paid once in every mode.
 
 Memory: the peak of the bytes a step allocates above what was live before it (parameters, optimizer state and
 inputs excluded), from the allocator records of ``torch.profiler(profile_memory=True)``, in units of the model's
@@ -148,9 +149,9 @@ def render(result) -> str:
               "(`torch.utils.flop_counter`; " + ", ".join(f"plain {k} step {t[k]['plain_gflop']:.2f} GFLOP"
                                                         for k in models)
               + "): the arithmetic the mode's passes cannot avoid. Exact `gam` needs two exact grad+HVP points, each "
-              "about 3 forward+backward passes of products whatever the HVP method (double backward and "
-              "forward-over-reverse both need three products per product of the forward; "
-              "`benchmarks/hvp_methods.py`), so its FLOPs alone are "
+              "at least 3 forward+backward passes of products (double backward, one graph for g and Hv: 3.0-3.2x; "
+              "forward-over-reverse: 4x, as v = g/‖g‖ needs g first; `benchmarks/hvp_methods.py`), so its FLOPs "
+              "alone are "
               + ", ".join(f"{t[k]['summary']['gam']['flop_ratio']:.2f}x ({k})" for k in models)
               + " the plain step's: no exact implementation steps faster than that on a compute-bound machine."]
     if m:

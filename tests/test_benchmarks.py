@@ -52,8 +52,11 @@ def test_step_cost_tiny(tmp_path):
 def test_hvp_methods_agree():
     hvp = _load("benchmarks/hvp_methods.py", "bench_hvp_methods")
     rows = hvp.run(["tiny"], rounds=1, threads=1, warmup=0)
-    rel = [r[5] for r in rows if r[5] is not None]
+    rel = [r[6] for r in rows if r[6] is not None]
     assert rel and max(rel) < 1e-4
+    flop_ratio = {r[2]: r[5] for r in rows}
+    assert flop_ratio["fwd+bwd (plain)"] == 1.0 and flop_ratio["forward-over-reverse"] == pytest.approx(4.0)
+    assert 2.0 < flop_ratio["double backward"] < 4.0  # g and Hv from one graph: cheaper than forward-over-reverse
     assert "forward-over-reverse" in hvp.table(rows)
 
 
