@@ -39,6 +39,12 @@ def test_step_cost_tiny(tmp_path):
     summary = result["time"]["tiny"]["summary"]
     assert summary["Trainer (plain)"]["ratio"] == pytest.approx(1.0)
     assert all(v["median_ms"] > 0 for v in summary.values())
+    # the cost is exactly the passes: matmul FLOPs are whole multiples of the plain step's
+    flops = {k: v["flop_ratio"] for k, v in summary.items()}
+    assert flops["none"] == 1.0 and flops["sam"] == 2.0 and flops["gam_fast"] == 4.0
+    assert flops["gam_fast every 10"] == pytest.approx(1.3)  # (4 + 9 plain) / 10
+    assert flops["gam_sam"] == pytest.approx(flops["gam"] + 1.0)  # one more plain pass than gam
+    assert flops["gam"] == pytest.approx(2 * flops["gnp"])  # two grad+HVP points
     peaks = result["memory"]["tiny"]["peak"]
     # mode none is the stock Trainer step: the same allocations
     assert peaks["none"] == pytest.approx(peaks["Trainer (plain)"])

@@ -11,20 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from test_flatness import LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
+from test_flatness import _one_thread, LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches  # noqa: F401 (autouse fixture)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_gam import flatness as FL
 from hf_gam.flatness_cli import (DEFAULT_SETTINGS, FlatnessArguments, FlatnessCallback, flatness_markdown,
                                  run_flatness)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------- report, CLI piece
