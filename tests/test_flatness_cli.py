@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from test_flatness import _one_thread, LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches  # noqa: F401 (autouse fixture)
+from test_flatness import _one_thread  # noqa: F401 (the module's autouse fixture: one thread)
+from test_flatness import LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_gam import flatness as FL
