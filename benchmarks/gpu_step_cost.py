@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (MODES, git_commit, interleaved_times, make_trainer, num_params,  # noqa: E402
-                     optimizer_step, param_bytes, summarize, tmp_output_dir, write_report)
+                     optimizer_step, param_bytes, step_flops, summarize, tmp_output_dir, write_report)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHS = {"resnet18": "resnet18", "vit_s": "vit_small_patch16_224"}
@@ -77,6 +77,10 @@ def run(models, dtypes, batch_size, image_size, rounds, device, tiny):
             times = interleaved_times(trainers, batch, rounds, block=lambda lb: 10 if "every 10" in lb else 1,
                                       sync=sync)
             summary = summarize(times)
+            flops = {}
+            for label, trainer in trainers.items():
+                trainer.state.global_step = 0  # "every 10": ten steps hold exactly one GAM step
+                flops[label] = step_flops(trainer, batch, n, steps=10 if "every" in label else 1)
             peaks = {}
             if device == "cuda":
                 for label, trainer in trainers.items():
@@ -86,6 +90,7 @@ def run(models, dtypes, batch_size, image_size, rounds, device, tiny):
                 s = summary[label]
                 rows.append({"model": name, "arch": archs[name], "params": num_params(base_model), "dtype": dtype,
                              "mode": label, "median_ms": s["median_ms"], "ratio": s["ratio"],
+                             "flop_ratio": flops[label] / flops["Trainer (plain)"],
                              "img_per_s": batch_size / (s["median_ms"] / 1e3),
                              "peak_over_P": peaks.get(label), "beyond_plain_over_P":
                              None if not peaks else peaks[label] - peaks["Trainer (plain)"]})
@@ -97,13 +102,14 @@ def run(models, dtypes, batch_size, image_size, rounds, device, tiny):
 
 
 def render(rows, header) -> str:
-    lines = [header, "", "| model | dtype | mode | median ms | img/s | x plain | peak mem / P | beyond plain / P |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [header, "", "| model | dtype | mode | median ms | img/s | x plain | FLOPs x plain | peak mem / P "
+             "| beyond plain / P |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         pk = "" if r["peak_over_P"] is None else f"{r['peak_over_P']:.2f}"
         bp = "" if r["beyond_plain_over_P"] is None else f"{r['beyond_plain_over_P']:+.2f}"
         lines.append(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['dtype']} | {r['mode']} | "
-                     f"{r['median_ms']:.1f} | {r['img_per_s']:,.0f} | {r['ratio']:.2f}x | {pk} | {bp} |")
+                     f"{r['median_ms']:.1f} | {r['img_per_s']:,.0f} | {r['ratio']:.2f}x | {r['flop_ratio']:.2f}x | {pk} | "
+                     f"{bp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +143,9 @@ def main(argv=None):
         dev = f"CPU ({torch.get_num_threads()} threads)"
     header = (f"# Step cost on {dev}\n\ntorch {torch.__version__}, hf_gam commit {git_commit()}, "
               f"{time.strftime('%Y-%m-%d')}; batch {a.batch} at {a.image_size}px, {a.rounds} interleaved rounds "
-              "after 2 warm-up rounds, median; ratio over the plain `transformers.Trainer` step; images/s = batch / "
-              "median step time; memory: peak CUDA bytes allocated by one step above those live before it, over "
+              "after 2 warm-up rounds, median; ratio: median over rounds of the step over the plain "
+              "`transformers.Trainer` step run right before it; FLOPs: matmul/conv/attention FLOPs "
+              "(`torch.utils.flop_counter`) over the plain step's; images/s = batch / median step time; memory: peak CUDA bytes allocated by one step above those live before it, over "
               "the fp32 parameter size P.")
     rows = run([m for m in a.models.split(",") if m], dtypes, a.batch, a.image_size, a.rounds, a.device, a.tiny)
     text = render(rows, header)
