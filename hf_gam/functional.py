@@ -58,9 +58,11 @@ def global_norm(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None = No
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Inner product ``<a, b>`` over all tensors together (a 0-dim tensor)."""
     dtype = torch.promote_types(a[0].dtype, torch.float32)
-    parts = [torch.vdot(x.reshape(-1) if x.dtype == dtype else x.reshape(-1).to(dtype),
-                        y.reshape(-1) if y.dtype == dtype else y.reshape(-1).to(dtype)) for x, y in zip(a, b, strict=True)]
-    return torch.stack(parts).sum()  # one reduction of the per-tensor products (half the kernels of a running sum)
+    def flat(t: Tensor) -> Tensor:
+        return t.reshape(-1) if t.dtype == dtype else t.reshape(-1).to(dtype)
+
+    # one reduction over the per-tensor products: half the kernels of a running sum
+    return torch.stack([torch.vdot(flat(x), flat(y)) for x, y in zip(a, b, strict=True)]).sum()
 
 
 def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None,
