@@ -65,6 +65,13 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.vdot(flat(x), flat(y)) for x, y in zip(a, b, strict=True)]).sum()
 
 
+def _ascent_scale(v: Sequence[Tensor], rho: float, eps: float, weights, norm: Tensor | None) -> Tensor:
+    """``rho / (‖v‖ + eps)`` (``‖T v‖`` when adaptive), as a 0-dim tensor in ``v``'s dtype."""
+    if norm is None or weights is not None:
+        norm = global_norm(v, weights)
+    return (rho / (norm + eps)).to(v[0].dtype)
+
+
 def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[Tensor] | None = None,
                 norm: Tensor | None = None) -> TensorList:
     """The perturbation ``e`` of an ascent step ``θ + e`` along ``v`` with radius ``rho``.
@@ -72,6 +79,8 @@ def ascent_step(v: Sequence[Tensor], rho: float, eps: float, weights: Sequence[T
     Plain: ``e = rho * v / (‖v‖ + eps)``. Adaptive (ASAM, ``weights`` = the current weights θ, ``T = |θ|``):
     ``e = rho * T² v / (‖T v‖ + eps)``. A new list is returned; ``v`` is not modified.
     """
+    if weights is None:  # the scaled copy in one kernel
+        return torch._foreach_mul(list(v), _ascent_scale(v, rho, eps, None, norm))
     return ascent_step_(torch._foreach_mul(list(v), 1.0), rho, eps, weights, norm=norm)
 
 
@@ -79,9 +88,7 @@ def ascent_step_(v: list[Tensor], rho: float, eps: float, weights: Sequence[Tens
                  norm: Tensor | None = None) -> TensorList:
     """:func:`ascent_step` computed in ``v``'s storage (no parameter-sized temporary in the plain case).
     ``norm``: ``‖v‖`` when the caller has it already (plain steps only; adaptive steps need ``‖T v‖``)."""
-    if norm is None or weights is not None:
-        norm = global_norm(v, weights)
-    scale = (rho / (norm + eps)).to(v[0].dtype)
+    scale = _ascent_scale(v, rho, eps, weights, norm)
     if weights is not None:
         torch._foreach_mul_(v, list(weights))
         torch._foreach_mul_(v, list(weights))
