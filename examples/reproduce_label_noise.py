@@ -35,6 +35,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PrinterCallback, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
+from hf_gam.data import symmetric_label_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -72,15 +73,8 @@ def load_digits_split(test_size: float = 0.3, split_seed: int = 0):
 
 
 def flip_labels(y: torch.Tensor, rate: float, num_classes: int, seed: int) -> torch.Tensor:
-    """Symmetric noise as ``hf_gam.data.apply_label_noise``: ``round(rate n)`` labels, chosen without replacement,
-    each moved to a uniformly drawn *other* class."""
-    y = y.clone()
-    if rate <= 0:
-        return y
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(y), size=int(round(rate * len(y))), replace=False)
-    y[idx] = torch.tensor((y[idx].numpy() + rng.integers(1, num_classes, size=idx.size)) % num_classes)
-    return y
+    """The package's symmetric noise (``hf_gam.data.symmetric_label_noise``) on a label tensor."""
+    return torch.from_numpy(symmetric_label_noise(y.numpy(), rate, num_classes, seed)[0])
 
 
 # -------------------------------------------------------------------------------------------------- model

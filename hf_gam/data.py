@@ -200,19 +200,27 @@ def _normalize(raw: DatasetDict, splits: list[str], image_col: str, label_col: s
     return DatasetDict(out)
 
 
-def apply_label_noise(ds: Dataset, rate: float, num_classes: int, seed: int) -> tuple[Dataset, int]:
-    """Flip ``round(rate * len(ds))`` labels, chosen without replacement, each to a class drawn uniformly among the
-    *other* classes (symmetric noise, paper App. C.2). Returns the new dataset and the number flipped."""
+def symmetric_label_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> tuple[np.ndarray, int]:
+    """Flip ``round(rate * n)`` of ``labels``, chosen without replacement, each to a class drawn uniformly among the
+    *other* classes (symmetric noise, paper App. C.2). Returns a new int64 array and the number flipped."""
     if not 0.0 <= rate <= 1.0 or (rate > 0 and num_classes < 2):
         raise DataError(f"label_noise must be in [0, 1] (with >= 2 classes); got {rate!r} ({num_classes} classes)")
+    labels = np.array(labels, dtype=np.int64)
     if rate == 0.0:
-        return ds, 0
-    labels = _label_values(ds).astype(np.int64)
+        return labels, 0
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(labels), size=int(round(rate * len(labels))), replace=False)
     labels[idx] = (labels[idx] + rng.integers(1, num_classes, size=idx.size)) % num_classes
+    return labels, int(idx.size)
+
+
+def apply_label_noise(ds: Dataset, rate: float, num_classes: int, seed: int) -> tuple[Dataset, int]:
+    """:func:`symmetric_label_noise` on the ``label`` column of ``ds``: ``(new dataset, number flipped)``."""
+    labels, flipped = symmetric_label_noise(_label_values(ds), rate, num_classes, seed)
+    if flipped == 0:
+        return ds, 0
     feature = ds.features["label"]
-    return ds.remove_columns("label").add_column("label", labels.tolist(), feature=feature), int(idx.size)
+    return ds.remove_columns("label").add_column("label", labels.tolist(), feature=feature), flipped
 
 
 def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
