@@ -123,9 +123,11 @@ class WindowOracle:
         if self.weights is None:
             return loss_parts[0], parts[0]
         loss = sum(w.to(l.dtype) * l for w, l in zip(self.weights, loss_parts))
-        total = torch._foreach_mul(parts[0], self.weights[0].to(parts[0][0].dtype))
-        for w, part in zip(self.weights[1:], parts[1:]):
-            torch._foreach_add_(total, torch._foreach_mul(part, w.to(part[0].dtype)))
+        for w, part in zip(self.weights, parts):  # the parts are this call's own gradients: weight them in place
+            torch._foreach_mul_(part, w.to(part[0].device, part[0].dtype))
+        total = parts[0]
+        for part in parts[1:]:
+            torch._foreach_add_(total, part)
         if self.reduce:
             all_reduce_([loss, *total])
         return loss, total
