@@ -113,6 +113,7 @@ def main(argv=None) -> float:
             count += labels.numel()
     accuracy = correct / max(count, 1)
     accelerator.print(f"test accuracy: {accuracy:.4f} on {count} images ({args.gam_mode}, {step} steps)")
+    accelerator.end_training()  # waits for every process, then ends the process group
     return accuracy
 
 

@@ -328,6 +328,21 @@ def main(argv: list[str] | None = None) -> int:
         return commands[command](rest)
     except SystemExit as exit_:  # argparse: --help (0) or a bad flag (2, message already printed)
         return exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under torchrun / accelerate launch: wait for every process, then end the process group. A process that exits
+    with gloo's threads still alive can die in C++ teardown (SIGABRT, "terminate called without an active
+    exception"), most often on a busy machine."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

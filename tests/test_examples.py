@@ -17,7 +17,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def torchrun(script: str, *args: str, cwd: Path, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(EXAMPLES.parent)}  # the checkout under test, not whatever hf_gam is installed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(EXAMPLES / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)

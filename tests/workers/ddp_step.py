@@ -5,6 +5,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _tiny import tiny_data, tiny_model  # noqa: E402
@@ -27,3 +28,5 @@ for mode, scope, *every in cases:
     results[":".join([mode, scope] + ([str(every)] if every > 1 else []))] = {"theta0": theta0, "theta1": flat_params(trainer.model), "seen": trainer.seen,
                                   "world": trainer.accelerator.num_processes}
 torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+dist.barrier()
+dist.destroy_process_group()  # end the group: exiting with gloo threads alive can SIGABRT
