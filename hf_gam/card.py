@@ -8,13 +8,14 @@ schedule, label noise, a results table, framework versions, the paper's citation
 
 from __future__ import annotations
 
-import enum
 import importlib.metadata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .formatting import format_value as _fmt
 
 TEMPLATE_NAME = "gam_model_card.md"
 TAGS = ["gam", "sam", "image-classification", "hf-gam"]
@@ -35,14 +36,6 @@ def template_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"hf_gam's model card template {TEMPLATE_NAME} is missing from {here / 'model_cards'}")
-
-
-def _fmt(value: Any) -> Any:
-    if isinstance(value, enum.Enum):  # OptimizerNames, SchedulerType, ...
-        return value.value
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value
 
 
 def _noise_text(noise: Mapping[str, Any] | None) -> str:
@@ -144,6 +137,6 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
 def _flatness_section(flatness: Mapping[str, Any] | None, image_dir: str) -> str:
     if not flatness:
         return ""
-    from .flatness_cli import flatness_markdown
+    from .flatness.report import flatness_markdown
 
     return flatness_markdown(flatness, image_prefix=image_dir).replace("## Flatness", "### Flatness", 1)

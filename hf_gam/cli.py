@@ -83,7 +83,7 @@ def _parser():
 
     from .config import GAMConfig
     from .data import DataArguments
-    from .flatness_cli import FlatnessArguments
+    from .flatness import FlatnessArguments
     from .models import ModelArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, GAMConfig, FlatnessArguments),
@@ -236,7 +236,7 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
     flat = None
     if run_args.flatness_at_end and trainer.is_world_process_zero():
-        from .flatness_cli import run_flatness
+        from .flatness import run_flatness
 
         batches = _eval_batches(data.train, eval_tf, run_args.flatness_batches, args.per_device_train_batch_size)
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -280,7 +280,7 @@ def flatness_main(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from .data import DataArguments, DataError, build_transforms, load_image_data
-    from .flatness_cli import FlatnessArguments, run_flatness
+    from .flatness import FlatnessArguments, run_flatness
     from .models import ModelArguments, ModelLoadError, load_model
 
     parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),

@@ -30,6 +30,7 @@ __all__ = [
     "copy_",
     "axpy",
     "hvp",
+    "second_order_context",
     "gam_combine",
     "decompose",
     "h_plus_",
@@ -115,18 +116,20 @@ def axpy(y: Sequence[Tensor], a: float | Tensor, x: Sequence[Tensor]) -> TensorL
     return torch._foreach_add(list(y), list(x), alpha=a)
 
 
-def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor]) -> TensorList:
+def hvp(grads: Sequence[Tensor], params: Sequence[Tensor], v: Sequence[Tensor],
+        retain_graph: bool = False) -> TensorList:
     """Exact Hessian-vector product ``H v`` by double backward: ``∇_θ <g(θ), v>``.
 
     ``grads`` must come from ``torch.autograd.grad(loss, params, create_graph=True)`` (never from
     ``backward(create_graph=True)``, which leaks through a parameter-gradient cycle); ``v`` is treated as a constant.
-    Parameters whose gradient is constant (no second-order path) get an exact zero. The graph is freed.
+    Parameters whose gradient is constant (no second-order path) get an exact zero. The graph is freed unless
+    ``retain_graph`` (for more products with the same ``grads``). Run it under :func:`second_order_context`.
     """
     idx = [i for i, g in enumerate(grads) if g.requires_grad]
     if not idx:
         return [torch.zeros_like(p) for p in params]
     parts = torch.autograd.grad([grads[i] for i in idx], list(params), grad_outputs=[v[i].detach() for i in idx],
-                                allow_unused=True, materialize_grads=True)
+                                retain_graph=retain_graph, allow_unused=True, materialize_grads=True)
     return [p.detach() for p in parts]
 
 
@@ -208,3 +211,14 @@ def __getattr__(name: str):
 
         return getattr(directions, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@contextmanager
+def second_order_context():
+    """Context for passes that build a double-backward graph (exact HVPs): the SDPA math kernel, the only one with a
+    double backward on CPU and CUDA, so ViT and Swin attention work. Used by the pass runner and the flatness
+    diagnostics alike."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield

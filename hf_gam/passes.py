@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import directions as D
 from . import functional as F
+from .functional import second_order_context  # the one definition; importable from here too
 
 LossFn = Callable[[], Tensor]
 
@@ -41,12 +41,6 @@ def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
             flat /= dist.get_world_size()
         for t, r in zip(group, _unflatten_dense_tensors(flat, group)):
             t.copy_(r)
-
-
-def second_order_context() -> contextlib.AbstractContextManager:
-    """Context for passes that build a double-backward graph: the SDPA math kernel (the only one with a double
-    backward on CPU and CUDA)."""
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 class BatchNormGuard:

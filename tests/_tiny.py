@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassifierOutput
 
 
 class TinyConfig(PretrainedConfig):
@@ -63,3 +63,67 @@ def tiny_data(n=16, in_dim=6, num_labels=3, seed=1, dtype=torch.float64):
     x = torch.randn(n, in_dim, generator=g, dtype=dtype)
     y = torch.randint(0, num_labels, (n,), generator=g)
     return TensorDataset(x, y)
+
+
+# ------------------------------------------------------------------- flatness diagnostics: models and model state
+class LogitsMLP(nn.Module):
+    """``i -> h (tanh) -> o`` returning bare logits (the flatness diagnostics must compute the cross-entropy);
+    optional BatchNorm and dropout; float64 by default."""
+
+    def __init__(self, i=5, h=20, o=4, bn=False, dropout=0.0, seed=0, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2 = nn.Linear(i, h), nn.Linear(h, o)
+        self.bn = nn.BatchNorm1d(h) if bn else nn.Identity()
+        self.drop = nn.Dropout(dropout)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
+
+
+class LossMLP(LogitsMLP):
+    """Takes ``labels`` and returns a ModelOutput with its own ``loss`` (like a Hugging Face model)."""
+
+    def forward(self, x, labels=None):
+        logits = super().forward(x)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def tiny_vit(seed=0, dtype=torch.float64):
+    """A 1-layer, 8-wide HF ViT on 8 px images (4 px patches, 3 labels), SDPA attention, built in memory."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=16, num_labels=3)
+    return ViTForImageClassification(cfg).to(dtype)
+
+
+def vit_batches(n=2, size=4, seed=2, dtype=torch.float64):
+    """``n`` batches of ``size`` random 8 px images with labels for :func:`tiny_vit`."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(size, 3, 8, 8, generator=g, dtype=dtype),
+             "labels": torch.randint(0, 3, (size,), generator=g)} for _ in range(n)]
+
+
+def snapshot(model):
+    """Everything a diagnostic must leave as it was: weights, grads, requires_grad, buffers, modes, the RNG."""
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            "requires_grad": [p.requires_grad for p in model.parameters()],
+            "buffers": [b.clone() for b in model.buffers()],
+            "training": [m.training for m in model.modules()],
+            "rng": torch.get_rng_state()}
+
+
+def assert_unchanged(model, snap):
+    """``model`` is bit for bit as :func:`snapshot` saw it."""
+    now = snapshot(model)
+    assert all(torch.equal(a, b) for a, b in zip(snap["params"], now["params"])), "weights changed"
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(snap["grads"], now["grads"]))
+    assert snap["requires_grad"] == now["requires_grad"]
+    assert all(torch.equal(a, b) for a, b in zip(snap["buffers"], now["buffers"])), "buffers changed"
+    assert snap["training"] == now["training"], "train/eval modes changed"
+    assert torch.equal(snap["rng"], now["rng"]), "the global RNG was used"

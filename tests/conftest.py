@@ -128,3 +128,15 @@ TINY_TRAIN_FLAGS = ["--max_steps", "1", "--per_device_train_batch_size", "4", "-
 @pytest.fixture
 def tiny_train_flags() -> list[str]:
     return list(TINY_TRAIN_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores); use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

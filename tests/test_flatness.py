@@ -1,5 +1,6 @@
-"""Tests of hf_gam.flatness (Hessian spectrum and trace, R1/R0) and hf_gam.landscape; the report, the command-line
-piece and the callback are tested in test_flatness_cli.py.
+"""Tests of the flatness measures (hf_gam.flatness.measures: Hessian spectrum and trace, R1/R0) and
+hf_gam.flatness.landscape; the report, its arguments, the pictures and the callback are tested in
+test_flatness_report.py.
 
 Independent references: the explicit Hessian by ``torch.autograd.functional.hessian`` over a flat parameter vector
 (``torch.func.functional_call``, own loss code), and quadratics whose Hessian and flatness are known in closed form.
@@ -14,49 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from torch import nn
-from transformers import ViTConfig, ViTForImageClassification
+from _tiny import LogitsMLP, LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_gam import flatness as FL
-from hf_gam.passes import second_order_context
+from hf_gam.flatness._objective import Objective
+from hf_gam.flatness.landscape import filter_normalized_direction
+from hf_gam.functional import second_order_context
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- models, helpers
-class LogitsMLP(nn.Module):
-    """Returns bare logits: the loss must be the cross-entropy computed by hf_gam.flatness."""
-
-    def __init__(self, i=5, h=20, o=4, bn=False, dropout=0.0, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc1, self.fc2 = nn.Linear(i, h), nn.Linear(h, o)
-        self.bn = nn.BatchNorm1d(h) if bn else nn.Identity()
-        self.drop = nn.Dropout(dropout)
-        self.to(DT)
-
-    def forward(self, x):
-        return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
-
-
-class LossMLP(LogitsMLP):
-    """Takes ``labels`` and returns a ModelOutput with its own ``loss`` (like a Hugging Face model)."""
-
-    def forward(self, x, labels=None):
-        logits = super().forward(x)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
 class Quadratic(nn.Module):
     """``L(θ) = ½ (θ-θ*)ᵀ A (θ-θ*)`` with ``A = Q diag(eigs) Qᵀ``; ``θ = θ* + offset`` (at the minimum: 0)."""
 
@@ -84,19 +57,6 @@ def quad_batches():
     return [{"x": torch.zeros(2, 1, dtype=DT), "labels": torch.zeros(2, dtype=torch.long)}]
 
 
-def tiny_vit(seed=0, dtype=DT):
-    torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=16, num_labels=3)
-    return ViTForImageClassification(cfg).to(dtype)
-
-
-def vit_batches(n=2, size=4, seed=2, dtype=DT):
-    g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(size, 3, 8, 8, generator=g, dtype=dtype),
-             "labels": torch.randint(0, 3, (size,), generator=g)} for _ in range(n)]
-
-
 def explicit_hessian(model, batches):
     """Dense Hessian of the example-weighted mean loss w.r.t. the trainable parameters (own loss code)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -118,25 +78,6 @@ def explicit_hessian(model, batches):
 
     with second_order_context():
         return torch.autograd.functional.hessian(f, flat0)
-
-
-def snapshot(model):
-    return {"params": [p.detach().clone() for p in model.parameters()],
-            "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-            "requires_grad": [p.requires_grad for p in model.parameters()],
-            "buffers": [b.clone() for b in model.buffers()],
-            "training": [m.training for m in model.modules()],
-            "rng": torch.get_rng_state()}
-
-
-def assert_unchanged(model, snap):
-    now = snapshot(model)
-    assert all(torch.equal(a, b) for a, b in zip(snap["params"], now["params"])), "weights changed"
-    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(snap["grads"], now["grads"]))
-    assert snap["requires_grad"] == now["requires_grad"]
-    assert all(torch.equal(a, b) for a, b in zip(snap["buffers"], now["buffers"])), "buffers changed"
-    assert snap["training"] == now["training"], "train/eval modes changed"
-    assert torch.equal(snap["rng"], now["rng"]), "the global RNG was used"
 
 
 def rel(a, b):
@@ -268,7 +209,7 @@ def test_loss_landscape_1d_and_2d():
     one = FL.loss_landscape(model, batches, dim=1, resolution=5)
     two = FL.loss_landscape(model, batches, dim=2, resolution=5, span=0.5)
     assert len(one["losses"]) == 5 and len(two["losses"]) == 5 and all(len(r) == 5 for r in two["losses"])
-    centre = FL._Objective(model, batches, None).loss()
+    centre = Objective(model, batches, None).loss()
     assert one["losses"][2] == pytest.approx(centre, rel=1e-12) == two["losses"][2][2]
     assert one["center_loss"] == pytest.approx(centre, rel=1e-12)
     assert len(set(one["losses"])) == 5  # the directions move the loss
@@ -278,8 +219,8 @@ def test_loss_landscape_1d_and_2d():
 
 def test_filter_normalized_directions():
     model = LogitsMLP()
-    obj = FL._Objective(model, mlp_batches(), None)
-    d = FL._filter_normalized(obj, torch.Generator().manual_seed(0), ignore_1d=True)
+    obj = Objective(model, mlp_batches(), None)
+    d = filter_normalized_direction(obj, torch.Generator().manual_seed(0), ignore_1d=True)
     for di, p in zip(d, obj.params):
         if p.ndim == 1:
             assert torch.count_nonzero(di) == 0

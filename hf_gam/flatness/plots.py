@@ -1,5 +1,7 @@
 """Pictures of the flatness diagnostics of :mod:`hf_gam.flatness` (PNG files).
 
+matplotlib is imported inside the functions that draw, so ``import hf_gam`` does not load it.
+
 Drawn with matplotlib's object-oriented API on an Agg canvas (``matplotlib.figure.Figure``, never ``pyplot``): no
 global backend is switched, no window opens, and it works headless and from several threads. Every function takes
 ``{label: result}`` so that one model or several (e.g. ``{"SGD": ..., "GAM": ...}``) are drawn side by side on
@@ -14,23 +16,29 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 __all__ = ["plot_spectrum", "plot_landscape", "plot_landscape_1d"]
 
 _COLORS = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown"]
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> str:
+def _figure(**kwargs):
+    """A new ``matplotlib.figure.Figure`` on an Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return str(path)
 
 
-def _check(results: Mapping[str, Any]) -> None:
+def _require_models(results: Mapping[str, Any]) -> None:
     if not results:
         raise ValueError("results must name at least one model; got an empty mapping")
 
@@ -40,8 +48,8 @@ def plot_spectrum(results: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     """The paper's Figure 3: left, the histogram of the top Hessian eigenvalues of every model on shared bins (a
     dashed line at each model's λmax); right, the Hessian trace of every model (with its standard error when the
     result has ``hessian_trace_stderr``). ``results[label]`` needs ``hessian_eigenvalues`` and ``hessian_trace``."""
-    _check(results)
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    _require_models(results)
+    fig = _figure(figsize=(10, 4), layout="constrained")
     ax_hist, ax_trace = fig.subplots(1, 2, width_ratios=[2.2, 1])
     every = np.concatenate([np.asarray(r["hessian_eigenvalues"], dtype=float) for r in results.values()])
     lo, hi = float(every.min()), float(every.max())
@@ -76,9 +84,11 @@ def plot_landscape(landscapes: Mapping[str, Mapping[str, Any]], path: str | os.P
     """The paper's Figure 5: the 2-D loss surface of every model (a result of
     :func:`hf_gam.flatness.loss_landscape` with ``dim=2``), as 3-D surfaces side by side on a shared loss scale,
     each with its contour lines below."""
-    _check(landscapes)
+    from matplotlib.ticker import MaxNLocator
+
+    _require_models(landscapes)
     n = len(landscapes)
-    fig = Figure(figsize=(5.2 * n, 4.6), layout="constrained")
+    fig = _figure(figsize=(5.2 * n, 4.6), layout="constrained")
     zs = {k: np.asarray(v["losses"], dtype=float) for k, v in landscapes.items()}
     finite = np.concatenate([z[np.isfinite(z)] for z in zs.values()])
     zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -108,8 +118,8 @@ def plot_landscape_1d(landscapes: Mapping[str, Mapping[str, Any]], path: str | o
                       title: str | None = None) -> str:
     """The 1-D loss curves of every model (results of :func:`hf_gam.flatness.loss_landscape` with ``dim=1``)
     on one axes."""
-    _check(landscapes)
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    _require_models(landscapes)
+    fig = _figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, (label, land) in enumerate(landscapes.items()):
         if land.get("dim") != 1:

@@ -1,5 +1,6 @@
-"""Tests of hf_gam.flatness_cli and hf_gam.plots: the flatness report (JSON + PNGs + model-card section), its
-command-line arguments next to TrainingArguments, and the FlatnessCallback inside a real Trainer run."""
+"""Tests of hf_gam.flatness.report, .plots, .callback and .defaults: the flatness report (JSON + PNGs + model-card
+section), its command-line arguments next to TrainingArguments, the FlatnessCallback inside a real Trainer run, and
+the one set of defaults they all read."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from test_flatness import _one_thread  # noqa: F401 (the module's autouse fixture: one thread)
-from test_flatness import LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
+from _tiny import LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_gam import flatness as FL
-from hf_gam.flatness_cli import (DEFAULT_SETTINGS, FlatnessArguments, FlatnessCallback, flatness_markdown,
-                                 run_flatness)
+from hf_gam.flatness import defaults as D
+from hf_gam.flatness import (DEFAULT_SETTINGS, FlatnessArguments, FlatnessCallback, flatness_markdown,
+                             run_flatness)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- report, CLI piece
@@ -61,6 +64,52 @@ def test_flatness_arguments_parse_alongside_training_arguments(tmp_path):
     settings = fargs.to_settings()
     assert settings["k"] == 5 and settings["train_mode"] and set(settings) <= set(DEFAULT_SETTINGS)
     assert FL.run_flatness is run_flatness and FL.FlatnessArguments is FlatnessArguments  # hf_gam.flatness has them
+
+
+def test_defaults_are_written_once():
+    """The functions, FlatnessArguments (the command line), run_flatness and FlatnessCallback agree with
+    hf_gam.flatness.defaults (they used to disagree: tol 1e-5 in the functions, 1e-4 in the report)."""
+    import inspect
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    args = FlatnessArguments()
+    measures = (FL.hessian_eigenvalues, FL.hessian_trace, FL.first_order_flatness, FL.zeroth_order_flatness,
+                FL.loss_landscape, FlatnessCallback)
+    checks = [  # (the value in defaults.py, the values every front end uses)
+        (D.TOL, [default(FL.hessian_eigenvalues, "tol"), args.flatness_tol, DEFAULT_SETTINGS["tol"]]),
+        (D.MAX_ITER, [default(FL.hessian_eigenvalues, "max_iter"), args.flatness_max_iter,
+                      DEFAULT_SETTINGS["max_iter"]]),
+        (D.METHOD, [default(FL.hessian_eigenvalues, "method"), args.flatness_method, DEFAULT_SETTINGS["method"]]),
+        (D.NUM_SAMPLES, [default(FL.hessian_trace, "num_samples"), args.flatness_num_samples,
+                         DEFAULT_SETTINGS["num_samples"]]),
+        (D.NUM_STEPS, [default(FL.first_order_flatness, "num_steps"), default(FL.zeroth_order_flatness, "num_steps"),
+                       args.flatness_num_steps, DEFAULT_SETTINGS["num_steps"]]),
+        (D.RHO, [args.flatness_rho, DEFAULT_SETTINGS["rho"], default(FlatnessCallback, "rho")]),
+        (D.LANDSCAPE_RESOLUTION, [default(FL.loss_landscape, "resolution"), args.flatness_landscape_resolution,
+                                  DEFAULT_SETTINGS["landscape_resolution"]]),
+        (D.LANDSCAPE_SPAN, [default(FL.loss_landscape, "span"), args.flatness_landscape_span,
+                            DEFAULT_SETTINGS["landscape_span"]]),
+        (D.REPORT_TOP_K, [args.flatness_top_k, DEFAULT_SETTINGS["k"]]),
+        (D.SEED, [default(fn, "seed") for fn in measures] + [args.flatness_seed, DEFAULT_SETTINGS["seed"]]),
+        (D.TRAIN_MODE, [default(fn, "train_mode") for fn in measures]
+         + [args.flatness_train_mode, DEFAULT_SETTINGS["train_mode"]]),
+    ]
+    for value, used in checks:
+        assert all(u == value and type(u) is type(value) for u in used), (value, used)
+    cb = FlatnessCallback()
+    assert (cb.max_iter, cb.num_samples, cb.num_steps, cb.rho) == (D.CALLBACK_MAX_ITER, D.CALLBACK_NUM_SAMPLES,
+                                                                   D.CALLBACK_NUM_STEPS, D.RHO)
+
+
+def test_plots_name_the_empty_input(tmp_path):
+    from hf_gam.flatness import plots
+
+    for draw in (plots.plot_spectrum, plots.plot_landscape, plots.plot_landscape_1d):
+        with pytest.raises(ValueError, match="results must name at least one model; got an empty mapping"):
+            draw({}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 # --------------------------------------------------------------------------------------------------- callback
