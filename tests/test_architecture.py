@@ -163,3 +163,13 @@ def test_import_hf_gam_does_not_load_matplotlib():
     done = subprocess.run([sys.executable, "-c", code, str(PACKAGE)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_subpackage_ships():
+    """pyproject.toml lists its packages by hand: every folder of hf_gam with an ``__init__.py`` must be there (a
+    missing one installs in editable mode and vanishes from the wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
