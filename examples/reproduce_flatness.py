@@ -23,60 +23,11 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reproduce_label_noise import METHODS, RESULTS, fmt, load_digits_split, train_digits  # noqa: E402
 
-try:  # the package's own tools (exact HVPs, SDPA math kernel, model left untouched)
-    from hf_gam.flatness import hessian_eigenvalues, hessian_trace
-except ImportError:  # pragma: no cover - a minimal stand-in: power iteration with deflation and Hutchinson
-    def _hvp_fn(model, batches):
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def hvp(v):
-            out = [torch.zeros_like(p) for p in params]
-            n = sum(len(b["labels"]) for b in batches)
-            for b in batches:
-                loss = model(**b).loss * (len(b["labels"]) / n)
-                g = torch.autograd.grad(loss, params, create_graph=True)
-                torch._foreach_add_(out, list(torch.autograd.grad(g, params, v)))
-            return out
-        return params, hvp
-
-    def _dot(a, b):
-        return sum(float((x * y).sum()) for x, y in zip(a, b))
-
-    def hessian_eigenvalues(model, batches, k=1, max_iter=100, seed=0, **_):
-        model.eval()
-        params, hvp = _hvp_fn(model, batches)
-        gen, found, lams = torch.Generator().manual_seed(seed), [], []
-        for _ in range(k):
-            v = [torch.randn(p.shape, generator=gen) for p in params]
-            for _ in range(max_iter):
-                for q in found:
-                    c = _dot(v, q)
-                    v = [x - c * y for x, y in zip(v, q)]
-                nv = _dot(v, v) ** 0.5
-                v = [x / nv for x in v]
-                hv = hvp(v)
-                lam, v = _dot(hv, v), hv
-            nv = _dot(v, v) ** 0.5
-            found.append([x / nv for x in v])
-            lams.append(lam)
-        model.train()
-        return sorted(lams, reverse=True)
-
-    def hessian_trace(model, batches, num_samples=100, seed=0, **_):
-        model.eval()
-        params, hvp = _hvp_fn(model, batches)
-        gen = torch.Generator().manual_seed(seed)
-        vals = []
-        for _ in range(num_samples):
-            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).float() for p in params]
-            vals.append(_dot(hvp(v), v))
-        model.train()
-        return float(np.mean(vals))
+from hf_gam.flatness import hessian_eigenvalues, hessian_trace  # noqa: E402 (exact HVPs, the model left as it was)
 
 
 def measure(model, batches, k, lanczos_iter, trace_samples):
