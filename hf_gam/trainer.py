@@ -269,6 +269,21 @@ class GAMTrainer(Trainer):
             with open(path) as f:
                 self.gam_counters.update(json.load(f)["counters"])
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume restores every tensor, through the model's own key conversion, or fails loudly
+        (:mod:`hf_gam.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
+        from .checkpoints import restore_checkpoint_weights
+
+        if not restore_checkpoint_weights(self, resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights, restored as in :meth:`_load_from_checkpoint`."""
+        from .checkpoints import restore_checkpoint_weights
+
+        if not restore_checkpoint_weights(self, self.state.best_model_checkpoint):
+            super()._load_best_model()
+
 
 def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:
     """DeepSpeed and FSDP cannot run the passes: refuse them at construction, before any compute."""
