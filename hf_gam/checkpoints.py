@@ -22,6 +22,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -41,11 +42,9 @@ class CheckpointMismatchError(ValueError):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
+    """The module whose ``state_dict`` names the checkpoint's tensors (without DDP's ``module.`` or
+    ``torch.compile``'s ``_orig_mod.`` prefixes)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _weight_files(checkpoint: str) -> list[str]:
