@@ -138,6 +138,7 @@ def adapter_facts(model: Any) -> dict[str, Any] | None:
     active = getattr(model, "active_adapter", None)
     config = peft_config.get(active) if isinstance(active, str) else next(iter(peft_config.values()))
     method = getattr(config.peft_type, "value", config.peft_type)
+    method = {"LORA": "LoRA"}.get(method, method)
     settings: dict[str, Any] = {"adapter": active or "default", "method": method}
     for attr in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora"):
         value = getattr(config, attr, None)

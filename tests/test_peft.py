@@ -79,7 +79,7 @@ def test_lora_card_keeps_peft_metadata(tmp_path):
     assert card.data.library_name == "peft" and card.data.base_model == HUB_BASE
     assert {f"base_model:adapter:{HUB_BASE}", "lora", "transformers", "gam", "gam_fast"} <= set(card.data.tags)
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "image-classification"
-    for text in ("LORA adapter", "| `r` | 4 |", "| `lora_alpha` | 8 |", "| `target_modules` | q_proj, v_proj |",
+    for text in ("LoRA adapter", "| `r` | 4 |", "| `lora_alpha` | 8 |", "| `target_modules` | q_proj, v_proj |",
                  "| `modules_to_save` | classifier |", "- peft "):
         assert text in card.text, text
 
@@ -99,3 +99,20 @@ def test_lora_resume_is_bit_exact(tmp_path):
         runs.append(trainer.model.state_dict())
     for key, value in runs[0].items():
         assert torch.equal(value, runs[1][key]), key
+
+
+def test_lora_best_model_reload_equals_the_best_checkpoint(tmp_path):
+    scores = iter([1.0, 0.0])
+    args = GAMConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=0.1,
+                     optim="sgd", gam_mode="gam_fast", report_to="none", use_cpu=True, disable_tqdm=True,
+                     save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
+    trainer = GAMTrainer(model=lora_vit(), args=args, train_dataset=image_data(16), eval_dataset=image_data(4, 2),
+                         compute_metrics=lambda _: {"score": next(scores)})
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
+    best = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "checkpoint-2")).state_dict()
+    last = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "checkpoint-4")).state_dict()
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, best[key]), key
