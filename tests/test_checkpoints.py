@@ -148,3 +148,23 @@ def test_sharded_checkpoint_is_restored_through_the_conversion(tmp_path):
     trainer = GAMTrainer(model=build(tiny_vit, 1), args=args(tmp_path / "out"), train_dataset=image_data())
     trainer._load_from_checkpoint(str(tmp_path / "ckpt"))
     assert_same_state(state_of(source), trainer.model)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_converters_and_tied_weights(tmp_path, tied):
+    """Beyond renames: a Mixtral checkpoint stores one tensor per expert, the model one fused tensor (transformers'
+    MergeModulelist + Concatenate converters); tied embeddings are saved once."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from hf_gam.checkpoints import load_model_weights, read_checkpoint_weights
+
+    config = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                           tie_word_embeddings=tied)
+    source = build(lambda: MixtralForCausalLM(config), 0)
+    source.save_pretrained(tmp_path)
+    saved = read_checkpoint_weights(str(tmp_path))
+    assert "model.layers.0.block_sparse_moe.experts.1.w3.weight" in saved and ("lm_head.weight" in saved) != tied
+    target = build(lambda: MixtralForCausalLM(config), 1)
+    load_model_weights(target, saved)
+    assert_same_state(state_of(source), target)
