@@ -144,8 +144,10 @@ def adapter_facts(model: Any) -> dict[str, Any] | None:
         value = getattr(config, attr, None)
         if value not in (None, False, [], ()):
             settings[attr] = ", ".join(sorted(value)) if isinstance(value, (set, list, tuple)) else _fmt(value)
-    base = getattr(model.get_base_model(), "name_or_path", None) or None
-    tags = list(model._get_peft_specific_model_tags()) if hasattr(model, "_get_peft_specific_model_tags") else []
+    base_model = model.get_base_model()
+    base = getattr(base_model, "name_or_path", None) or None
+    tags = list(getattr(base_model, "model_tags", None) or [])  # as PeftModel.create_or_update_model_card
+    tags += model._get_peft_specific_model_tags() if hasattr(model, "_get_peft_specific_model_tags") else []
     tags = [t for t in tags if not t.startswith("base_model:adapter:") or is_hub_id(t.split(":", 2)[2])]
     return {"method": method, "settings": settings, "tags": tags, "base_model": base if is_hub_id(base) else None}
 
