@@ -2,18 +2,24 @@
 the package) rendered with ``huggingface_hub.ModelCard.from_template``.
 
 The card records the base model, the dataset, the GAM mode and every ``gam_*`` value, the base optimizer and its
-schedule, label noise, a results table, framework versions, the paper's citation and the tags ``gam``, ``sam``,
-``image-classification``. ``GAMTrainer.create_model_card`` and ``hf-gam train`` both render it.
+schedule, label noise, the evaluation results (also as ``model-index`` entries, as transformers' own Trainer card
+does), the per-evaluation training-results table, framework versions, the paper's citation and the tags ``gam``,
+``sam``, ``image-classification``. A PEFT adapter keeps PEFT's metadata (``library_name: peft``, the
+``base_model:adapter:<base>`` and method tags) and the card says which adapter it is. ``base_model`` is written only
+for a Hub id (a local path would become a broken Hub link). ``GAMTrainer.create_model_card`` and ``hf-gam train``
+both render it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .formatting import format_value as _fmt
 
@@ -25,7 +31,11 @@ OPTIMIZER_FIELDS = ("optim", "optim_args", "learning_rate", "lr_scheduler_type",
                     "gradient_accumulation_steps", "seed")
 VERSIONED = ("hf-gam", "transformers", "torch", "torchvision", "timm", "datasets", "accelerate", "huggingface_hub")
 
-__all__ = ["render_model_card", "template_path", "TAGS"]
+# eval_* keys that are bookkeeping, not results; and the model-index names of the usual metrics
+NOT_RESULTS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step", "loss")
+METRIC_NAMES = {"accuracy": ("accuracy", "Top-1 accuracy"), "top5_accuracy": ("accuracy", "Top-5 accuracy")}
+
+__all__ = ["render_model_card", "template_path", "TAGS", "is_hub_id", "adapter_facts", "training_results_table"]
 
 
 def template_path() -> Path:
@@ -49,9 +59,9 @@ def _is_result(name: str) -> bool:
     return not (name.endswith(("_runtime", "_per_second")) or name == "epoch")
 
 
-def _versions() -> dict[str, str]:
+def _versions(with_peft: bool = False) -> dict[str, str]:
     found = {}
-    for name in VERSIONED:
+    for name in VERSIONED + (("peft",) if with_peft else ()):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -80,34 +90,99 @@ def _optimizer_settings(args: Any) -> dict[str, Any]:
     return out
 
 
-def _eval_results(results: Mapping[str, Any], dataset_name: str | None, split: str | None) -> list[EvalResult]:
-    if not dataset_name:
+def is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` is an ``owner/name`` Hub repository id (not a local path): only those are linked and go in
+    the ``base_model`` / ``datasets`` metadata."""
+    if not name or name.count("/") != 1 or name.startswith((".", "~")) or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _eval_results(results: Mapping[str, Any], dataset_type: str | None, dataset_name: str | None,
+                  split: str | None, dataset_args: str | Mapping[str, Any] | None) -> list[EvalResult]:
+    """One model-index entry per numeric ``eval_*`` metric (loss and timings left out, as the stock card does)."""
+    if not dataset_type:
         return []
-    metrics = (("eval_accuracy", "accuracy", "Top-1 accuracy"), ("eval_top5_accuracy", "accuracy", "Top-5 accuracy"))
-    return [EvalResult(task_type="image-classification", dataset_type=dataset_name, dataset_name=dataset_name,
-                       dataset_split=split, metric_type=kind, metric_name=label, metric_value=float(results[key]))
-            for key, kind, label in metrics if isinstance(results.get(key), (int, float))]
+    out = []
+    for key, value in results.items():
+        name = key.removeprefix("eval_")
+        if key == name or name in NOT_RESULTS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        kind, label = METRIC_NAMES.get(name, (name, name.replace("_", " ")))
+        out.append(EvalResult(
+            task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name or dataset_type,
+            dataset_split=split, dataset_config=dataset_args if isinstance(dataset_args, str) else None,
+            dataset_args=dict(dataset_args) if isinstance(dataset_args, Mapping) else None,
+            metric_type=kind, metric_name=label, metric_value=float(value)))
+    return out
+
+
+def adapter_facts(model: Any) -> dict[str, Any] | None:
+    """What a PEFT model's card must say: ``{"method", "settings", "tags", "base_model"}`` (``None`` for a model
+    without adapters). The tags are PEFT's own (``PeftModel._get_peft_specific_model_tags``: ``transformers``,
+    ``lora``, ``base_model:adapter:<base>``), the adapter tag only when the base is a Hub id."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, Mapping) or not peft_config or not hasattr(model, "get_base_model"):
+        return None
+    active = getattr(model, "active_adapter", None)
+    config = peft_config.get(active) if isinstance(active, str) else next(iter(peft_config.values()))
+    method = getattr(config.peft_type, "value", config.peft_type)
+    method = {"LORA": "LoRA"}.get(method, method)
+    settings: dict[str, Any] = {"adapter": active or "default", "method": method}
+    for attr in ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora"):
+        value = getattr(config, attr, None)
+        if value not in (None, False, [], ()):
+            settings[attr] = ", ".join(sorted(value)) if isinstance(value, (set, list, tuple)) else _fmt(value)
+    base_model = model.get_base_model()
+    base = getattr(base_model, "name_or_path", None) or None
+    tags = list(getattr(base_model, "model_tags", None) or [])  # as PeftModel.create_or_update_model_card
+    tags += model._get_peft_specific_model_tags() if hasattr(model, "_get_peft_specific_model_tags") else []
+    tags = [t for t in tags if not t.startswith("base_model:adapter:") or is_hub_id(t.split(":", 2)[2])]
+    return {"method": method, "settings": settings, "tags": tags, "base_model": base if is_hub_id(base) else None}
+
+
+def training_results_table(log_history: Sequence[Mapping[str, Any]]) -> str:
+    """The stock card's "Training results" table (transformers' ``parse_log_history`` and
+    ``make_markdown_table``): one row per evaluation during training; empty without one."""
+    from transformers.modelcard import make_markdown_table, parse_log_history
+
+    _, lines, _ = parse_log_history(list(log_history))
+    return make_markdown_table(lines) if lines else ""
 
 
 def render_model_card(args: Any, *, model_name: str, base_model: str | None = None, dataset_name: str | None = None,
                       results: Mapping[str, Any] | None = None, label_noise: Mapping[str, Any] | None = None,
                       extra: Mapping[str, Any] | None = None, tags: list[str] | str | None = None,
                       eval_split: str | None = None, flatness: Mapping[str, Any] | None = None,
-                      flatness_dir: str = "flatness/") -> ModelCard:
+                      flatness_dir: str = "flatness/", license: str | None = None,
+                      language: str | list[str] | None = None, dataset_tags: str | list[str] | None = None,
+                      dataset_args: str | Mapping[str, Any] | None = None, adapter: Mapping[str, Any] | None = None,
+                      training_results: str = "") -> ModelCard:
     """Render the GAM model card.
 
     Args:
         args: the run's :class:`~hf_gam.GAMConfig` (any object with its ``gam_*`` and optimizer attributes works).
         model_name: title of the card (e.g. the output directory's name or the Hub repo name).
-        base_model: Hub id of the pretrained weights; ``None`` when trained from scratch or from a local directory.
+        base_model: Hub id of the pretrained weights; anything else (``None``, a local directory) is neither linked
+            nor written to the metadata.
         dataset_name: Hub id (``owner/name``: linked and listed in the metadata) or a free-form name.
-        results: final metrics (``eval_accuracy``, ``eval_top5_accuracy``, ``eval_loss``, ...); floats are rounded.
+        results: final metrics (``eval_accuracy``, ``eval_top5_accuracy``, ``eval_loss``, ...); floats are rounded;
+            every numeric ``eval_*`` metric but the loss becomes a ``model-index`` entry when the dataset is known.
         label_noise: ``{"rate", "flipped", "total", "seed"}`` as :func:`hf_gam.data.load_image_data` records it.
         extra: more rows for the "Model and data" table (``architecture`` also names a from-scratch model).
         tags: tags added to ``gam``, ``sam``, ``image-classification``, ``hf-gam`` and the mode.
         eval_split: split the ``eval_*`` results come from (metadata only).
         flatness: a :func:`hf_gam.run_flatness` result: the card gets a flatness section with its numbers and its
             pictures (``flatness_dir`` is their folder relative to the card).
+        license, language: card metadata, as in ``Trainer.create_model_card``.
+        dataset_tags: Hub dataset ids for the ``datasets`` metadata (default: ``dataset_name`` when a Hub id).
+        dataset_args: the dataset's config name (``str``) or loading arguments (``dict``) for the model-index.
+        adapter: :func:`adapter_facts` of a PEFT model: ``library_name: peft``, PEFT's tags, an adapter section.
+        training_results: :func:`training_results_table` of the run's log history.
     """
     from .directions import MODES
 
@@ -117,21 +192,28 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
     spec = MODES.get(mode)
     every = max(1, int(getattr(args, "gam_every", 1) or 1))
     passes = (spec.passes + every - 1) / every if spec else 1
-    all_tags = list(dict.fromkeys(TAGS + [mode] + ([tags] if isinstance(tags, str) else list(tags or []))))
-    hub_dataset = bool(dataset_name) and "/" in dataset_name and not Path(dataset_name).exists()
+    base_model = base_model if is_hub_id(base_model) else None
+    hub_datasets = [d for d in ([dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or []))
+                    if is_hub_id(d)] or ([dataset_name] if is_hub_id(dataset_name) else [])
+    all_tags = list(dict.fromkeys(TAGS + [mode] + ([tags] if isinstance(tags, str) else list(tags or []))
+                                  + list((adapter or {}).get("tags", []))))
+    eval_results = _eval_results(results, hub_datasets[0] if hub_datasets else None, dataset_name, eval_split,
+                                 dataset_args)
     card_data = ModelCardData(
-        model_name=model_name, base_model=base_model, datasets=[dataset_name] if hub_dataset else None,
-        tags=all_tags, library_name="transformers", pipeline_tag="image-classification",
-        metrics=["accuracy"] if results else None,
-        eval_results=_eval_results(results, dataset_name if hub_dataset else None, eval_split) or None)
+        model_name=model_name, base_model=base_model, datasets=hub_datasets or None, tags=all_tags,
+        library_name="peft" if adapter else "transformers", pipeline_tag="image-classification",
+        license=license, language=language, metrics=sorted({r.metric_type for r in eval_results}) or None,
+        eval_results=eval_results or None)
+    architecture = extra.get("architecture")
     return ModelCard.from_template(
         card_data, template_path=str(template_path()), model_name=model_name, base_model=base_model,
-        dataset_name=dataset_name or "an unnamed dataset", dataset_is_hub=hub_dataset, gam_mode=mode,
+        dataset_name=dataset_name or "an unnamed dataset", dataset_is_hub=is_hub_id(dataset_name), gam_mode=mode,
         mode_summary=spec.summary if spec else mode, passes=f"{passes:.3g}",
-        architecture=extra.get("architecture", "an image classifier"),
+        architecture=f"an image classifier (`{architecture}`)" if architecture else "an image classifier",
         results={k: _fmt(v) for k, v in results.items()}, gam=_gam_settings(args),
-        optimizer=_optimizer_settings(args), data={k: _fmt(v) for k, v in extra.items()}, versions=_versions(),
-        flatness_section=_flatness_section(flatness, flatness_dir))
+        optimizer=_optimizer_settings(args), data={k: _fmt(v) for k, v in extra.items()},
+        versions=_versions(with_peft=bool(adapter)), flatness_section=_flatness_section(flatness, flatness_dir),
+        adapter=adapter, training_results=training_results, from_scratch=bool(extra.get("from_scratch")))
 
 
 def _flatness_section(flatness: Mapping[str, Any] | None, image_dir: str) -> str:

@@ -234,23 +234,35 @@ class GAMTrainer(Trainer):
                           label_noise: dict | None = None, extra: dict | None = None,
                           eval_split: str | None = None, flatness: dict | None = None) -> None:
         """Write the GAM model card (:func:`hf_gam.card.render_model_card`: every ``gam_*`` value, optimizer and
-        schedule, results, versions, citation) to ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain
-        ``trainer.push_to_hub()`` gets the same card. ``results`` default to the last evaluation's metrics;
-        ``flatness`` (a :func:`hf_gam.run_flatness` result written to ``output_dir/flatness``) adds its section."""
+        schedule, results as text and ``model-index``, the training-results table, versions, citation) to
+        ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain ``trainer.push_to_hub()`` gets the same
+        card. The stock arguments keep their meaning (``dataset_tags``: Hub ids for the ``datasets`` metadata,
+        ``dataset_args``: the dataset's config name); ``finetuned_from`` defaults to the model's Hub id (a local
+        path is not linked); a PEFT model keeps PEFT's metadata (``library_name: peft``, adapter tags). ``results``
+        default to the last evaluation's metrics; ``flatness`` (a :func:`hf_gam.run_flatness` result written to
+        ``output_dir/flatness``) adds its section. ``tasks`` is accepted for compatibility (the card's task is
+        image classification)."""
         if not self.is_world_process_zero():
             return
-        from .card import render_model_card
+        from .card import adapter_facts, render_model_card, training_results_table
 
         if results is None:
             evals = [h for h in self.state.log_history if any(k.startswith("eval_") for k in h)]
             results = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+        model = self.accelerator.unwrap_model(self.model)
+        adapter = adapter_facts(model)
         if finetuned_from is None:
-            name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""
-            finetuned_from = name if name.count("/") == 1 and not os.path.exists(name) else None
+            finetuned_from = (adapter or {}).get("base_model") or getattr(
+                getattr(model, "config", None), "_name_or_path", None)
+        names = [dataset] if isinstance(dataset, str) else list(dataset or [])
+        tags_list = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
         card = render_model_card(
             self.args, model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            base_model=finetuned_from, dataset_name=dataset if isinstance(dataset, str) else None, results=results,
-            label_noise=label_noise, extra=extra, tags=tags, eval_split=eval_split, flatness=flatness)
+            base_model=finetuned_from, dataset_name=names[0] if names else (tags_list[0] if tags_list else None),
+            results=results, label_noise=label_noise, extra=extra, tags=tags, eval_split=eval_split,
+            flatness=flatness, license=license, language=language, dataset_tags=tags_list or None,
+            dataset_args=dataset_args[0] if isinstance(dataset_args, (list, tuple)) and dataset_args else dataset_args,
+            adapter=adapter, training_results=training_results_table(self.state.log_history))
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ------------------------------------------------------------------------------------- checkpoints
@@ -268,6 +280,21 @@ class GAMTrainer(Trainer):
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.gam_counters.update(json.load(f)["counters"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume restores every tensor, through the model's own key conversion, or fails loudly
+        (:mod:`hf_gam.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
+        from .checkpoints import restore_checkpoint_weights
+
+        if not restore_checkpoint_weights(self, resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights, restored as in :meth:`_load_from_checkpoint`."""
+        from .checkpoints import restore_checkpoint_weights
+
+        if not restore_checkpoint_weights(self, self.state.best_model_checkpoint):
+            super()._load_best_model()
 
 
 def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:
