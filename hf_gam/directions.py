@@ -245,6 +245,10 @@ class ModeSpec:
 
 
 # Adapters: (hyper, params, oracle) -> the mode's direction function with its hyper-parameters.
+def _none(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return plain_direction(oracle.grad)
+
+
 def _sam(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
     return sam_direction(params, oracle.grad, rho=h.sam_rho, eps=h.eps, adaptive=h.adaptive)
 
@@ -268,17 +272,20 @@ def _gam_fast(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
                               gamma=h.gamma, eps=h.eps, variant=h.variant, adaptive=h.adaptive)
 
 
+# The one list of modes (a new mode: its direction function and adapter above, and one entry here).
 # Default ρ, α: exact GAM / gnp: the paper's CIFAR-10 setting (App. C.5); sam: Foret et al.'s ρ = 0.05 (ρs follows
-# ρ); gam_fast: the released code's CIFAR-100 ResNet setting (ρ', β, γ are GAMHyper's field defaults).
+# ρ); gam_fast: the released code's CIFAR-100 ResNet setting (its ρ', β, γ are GAMHyper's field defaults).
 MODES: dict[str, ModeSpec] = {
-    "none": ModeSpec(lambda h, params, oracle: plain_direction(oracle.grad), 1, 0, False,
-                     {"rho": 0.04, "alpha": 0.1}, "plain gradient, identical to transformers.Trainer"),
-    "sam": ModeSpec(_sam, 2, 0, False, {"rho": 0.05, "alpha": 0.1}, "SAM: gradient at θ + ρs g/‖g‖"),
-    "gnp": ModeSpec(_gnp, 0, 1, False, {"rho": 0.04, "alpha": 0.1},
-                    "gradient-norm penalty g + αρ∇‖g‖ (1 pass + HVP)"),
-    "gam": ModeSpec(_gam, 0, 2, True, {"rho": 0.04, "alpha": 0.1}, "GAM, Algorithm 1 (2 passes + 2 HVPs)"),
-    "gam_sam": ModeSpec(_gam_sam, 1, 2, True, {"rho": 0.04, "alpha": 0.1},
-                        "GAM with SAM's oracle gradient (3 passes + 2 HVPs)"),
-    "gam_fast": ModeSpec(_gam_fast, 4, 0, True, {"rho": 0.2, "alpha": 0.6},
-                         "accelerated GAM, Algorithm 2 (4 passes)", alpha_max=1.0),
+    "none": ModeSpec(_none, grad_calls=1, hvp_calls=0, norm_ascent=False, defaults={"rho": 0.04, "alpha": 0.1},
+                     summary="plain gradient, identical to transformers.Trainer"),
+    "sam": ModeSpec(_sam, grad_calls=2, hvp_calls=0, norm_ascent=False, defaults={"rho": 0.05, "alpha": 0.1},
+                    summary="SAM: gradient at θ + ρs g/‖g‖"),
+    "gnp": ModeSpec(_gnp, grad_calls=0, hvp_calls=1, norm_ascent=False, defaults={"rho": 0.04, "alpha": 0.1},
+                    summary="gradient-norm penalty g + αρ∇‖g‖ (1 pass + HVP)"),
+    "gam": ModeSpec(_gam, grad_calls=0, hvp_calls=2, norm_ascent=True, defaults={"rho": 0.04, "alpha": 0.1},
+                    summary="GAM, Algorithm 1 (2 passes + 2 HVPs)"),
+    "gam_sam": ModeSpec(_gam_sam, grad_calls=1, hvp_calls=2, norm_ascent=True, defaults={"rho": 0.04, "alpha": 0.1},
+                        summary="GAM with SAM's oracle gradient (3 passes + 2 HVPs)"),
+    "gam_fast": ModeSpec(_gam_fast, grad_calls=4, hvp_calls=0, norm_ascent=True, defaults={"rho": 0.2, "alpha": 0.6},
+                         alpha_max=1.0, summary="accelerated GAM, Algorithm 2 (4 passes)"),
 }
