@@ -27,16 +27,13 @@ from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
+from hf_gam.directions import MODES
 
-# (label, GAMConfig overrides); None = the stock transformers.Trainer (the baseline every ratio is taken against)
-MODES: list[tuple[str, dict | None]] = [
+# (label, GAMConfig overrides); None = the stock transformers.Trainer (the baseline every ratio is taken against).
+# Every registered mode at its defaults, then gam_fast on 1 step in 10.
+CASES: list[tuple[str, dict | None]] = [
     ("Trainer (plain)", None),
-    ("none", {"gam_mode": "none"}),
-    ("sam", {"gam_mode": "sam"}),
-    ("gnp", {"gam_mode": "gnp"}),
-    ("gam", {"gam_mode": "gam"}),
-    ("gam_sam", {"gam_mode": "gam_sam"}),
-    ("gam_fast", {"gam_mode": "gam_fast"}),
+    *((mode, {"gam_mode": mode}) for mode in MODES),
     ("gam_fast every 10", {"gam_mode": "gam_fast", "gam_every": 10}),
 ]
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (MODES, git_commit, interleaved_times, make_trainer, num_params,  # noqa: E402
+from _common import (CASES, git_commit, interleaved_times, make_trainer, num_params,  # noqa: E402
                      optimizer_step, param_bytes, step_flops, summarize, tmp_output_dir, write_report)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +42,7 @@ def build(arch: str, num_labels: int, seed: int = 0):
 
 def prepared_trainers(model, device: str, dtype: str) -> dict:
     trainers = {}
-    for label, overrides in MODES:
+    for label, overrides in CASES:
         kw = {"bf16": dtype == "bf16", "fp16": dtype == "fp16", "use_cpu": device == "cpu"}
         trainer = make_trainer(copy.deepcopy(model), overrides, tmp_output_dir(), **kw)
         # what Trainer.train does: autocast-wrapped forward, AcceleratedOptimizer (GradScaler under fp16)
@@ -86,7 +86,7 @@ def run(models, dtypes, batch_size, image_size, rounds, device, tiny):
                 for label, trainer in trainers.items():
                     trainer.state.global_step = 0
                     peaks[label] = cuda_peak(trainer, batch, n) / P
-            for label, _ in MODES:
+            for label, _ in CASES:
                 s = summary[label]
                 rows.append({"model": name, "arch": archs[name], "params": num_params(base_model), "dtype": dtype,
                              "mode": label, "median_ms": s["median_ms"], "ratio": s["ratio"],

@@ -24,14 +24,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CPU_BENCHES, machine_line, num_params  # noqa: E402
 
-from hf_gam import functional as F  # noqa: E402
+from hf_gam import functional as GF  # noqa: E402
 from hf_gam.passes import second_order_context  # noqa: E402
 
 
@@ -43,21 +43,21 @@ def make_methods(model, batch):
 
     def loss_of(pdict):
         logits = functional_call(model, ({**pdict, **buffers},), (x,)).logits
-        return TF.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y)
 
     def unit(v):
-        return torch._foreach_div(v, F.global_norm(v))
+        return torch._foreach_div(v, GF.global_norm(v))
 
     def plain():
-        loss = TF.cross_entropy(model(x).logits, y)
+        loss = F.cross_entropy(model(x).logits, y)
         return list(torch.autograd.grad(loss, params))
 
     def double_backward():
         with second_order_context():
-            loss = TF.cross_entropy(model(x).logits, y)
+            loss = F.cross_entropy(model(x).logits, y)
             g = torch.autograd.grad(loss, params, create_graph=True)
             gd = [t.detach() for t in g]
-            return gd, F.hvp(g, params, unit(gd))
+            return gd, GF.hvp(g, params, unit(gd))
 
     def forward_over_reverse():
         g = plain()
@@ -95,7 +95,7 @@ def run(models, rounds, threads, warmup=2):
         flops = {k: count_flops(f) for k, f in methods.items()}
         _, hv_db = methods["double backward"]()
         _, hv_for = methods["forward-over-reverse"]()
-        rel = float(F.global_norm(torch._foreach_sub(hv_db, hv_for)) / F.global_norm(hv_db))
+        rel = float(GF.global_norm(torch._foreach_sub(hv_db, hv_for)) / GF.global_norm(hv_db))
         times = {k: [] for k in methods}
         labels = list(methods)
         for r in range(warmup + rounds):

@@ -35,11 +35,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (CPU_BENCHES, MODES, TARGETS, cpu_peak_step_bytes, git_commit, interleaved_times,  # noqa: E402
+from _common import (CASES, CPU_BENCHES, TARGETS, cpu_peak_step_bytes, git_commit, interleaved_times,  # noqa: E402
                      live_tensor_bytes, machine_line, make_trainer, make_trainers, num_params, optimizer_step,
                      param_bytes, rss_bytes, step_flops, summarize, tmp_output_dir, write_report)
 
-from hf_gam.directions import MODES as SPECS  # noqa: E402
+from hf_gam.directions import MODES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "step_cost_cpu.md")
@@ -49,7 +49,7 @@ def passes_of(label: str) -> str:
     if label.startswith("Trainer"):
         return "1"
     mode = label.split()[0]
-    return str(SPECS[mode].passes) + (" (1 step in 10)" if "every" in label else "")
+    return str(MODES[mode].passes) + (" (1 step in 10)" if "every" in label else "")
 
 
 def time_models(models, rounds, clock):
@@ -58,7 +58,7 @@ def time_models(models, rounds, clock):
     for name in models:
         bench = CPU_BENCHES[name]
         model, batch = bench.build(), bench.data()
-        trainers = make_trainers(model, MODES, tmp_output_dir(), use_cpu=True)
+        trainers = make_trainers(model, CASES, tmp_output_dir(), use_cpu=True)
         times = interleaved_times(trainers, batch, rounds, block=lambda label: 10 if "every 10" in label else 1,
                                   clock=clock_fn)
         flops = {}
@@ -81,7 +81,7 @@ def memory_models(models):
         P = param_bytes(model)
         n = torch.tensor(bench.batch)
         peaks = {}
-        for label, overrides in MODES:
+        for label, overrides in CASES:
             trainer = make_trainer(copy.deepcopy(model), overrides, tmp_output_dir(), use_cpu=True)
             for _ in range(2):  # warm up: optimizer state exists, allocator caches settled
                 trainer.state.global_step = 0
@@ -98,7 +98,7 @@ def leak_check(steps, bench_name="tiny"):
     model, batch = bench.build(), bench.data()
     n = torch.tensor(bench.batch)
     out = {}
-    for label, overrides in MODES:
+    for label, overrides in CASES:
         trainer = make_trainer(copy.deepcopy(model), overrides, tmp_output_dir(), use_cpu=True)
         early = max(50, steps // 10) if steps >= 100 else max(1, steps // 10)
         for i in range(steps):
@@ -136,7 +136,7 @@ def render(result) -> str:
     head = ("| mode | passes | " + " | ".join(f"{k} ms | {k} ratio | {k} FLOP ratio" for k in models)
             + " | target | met |")
     lines += [head, "|" + "---|" * (2 + 3 * len(models) + 2)]
-    for label, _ in MODES:
+    for label, _ in CASES:
         cells = []
         for k in models:
             s = t[k]["summary"][label]
@@ -162,7 +162,7 @@ def render(result) -> str:
                   "(whose peak is the gradient plus activations).", "",
                   "| mode | " + " | ".join(f"{k} peak/P | {k} beyond plain" for k in mm) + " |",
                   "|---|" + "---:|" * (2 * len(mm))]
-        for label, _ in MODES:
+        for label, _ in CASES:
             lines.append(f"| {label} | " + " | ".join(f"{m[k]['peak'][label]:.2f} | {m[k]['beyond_plain'][label]:+.2f}"
                                                        for k in mm) + " |")
     if leak:

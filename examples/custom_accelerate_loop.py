@@ -29,9 +29,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from hf_gam.config import MODE_DEFAULTS
 from hf_gam.data import DataArguments, build_transforms, collate, load_image_data, with_transform
-from hf_gam.directions import GAMHyper
+from hf_gam.directions import MODES, GAMHyper
 from hf_gam.models import ModelArguments, load_model
 from hf_gam.passes import MicroBatchOracle, run_passes
 
@@ -42,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset_path", default=None, help="local copy in the Hub layout")
     p.add_argument("--model", default="tiny-resnet", help="Hub id, local directory, tiny-resnet, timm:<arch>")
     p.add_argument("--image_size", type=int, default=None, help="input size of built-in / timm: models")
-    p.add_argument("--gam_mode", default="gam", choices=sorted(MODE_DEFAULTS))
-    p.add_argument("--gam_rho", type=float, default=None, help="default: the mode's (hf_gam.config.MODE_DEFAULTS)")
+    p.add_argument("--gam_mode", default="gam", choices=list(MODES))
+    p.add_argument("--gam_rho", type=float, default=None, help="default: the mode's (hf_gam.directions.MODES)")
     p.add_argument("--gam_alpha", type=float, default=None, help="default: the mode's")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
@@ -72,10 +71,7 @@ def main(argv=None) -> float:
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     total = args.max_steps or math.ceil(args.epochs * len(train_dl))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    defaults = MODE_DEFAULTS[args.gam_mode]
-    rho = defaults["gam_rho"] if args.gam_rho is None else args.gam_rho
-    hyper = GAMHyper(mode=args.gam_mode, rho=rho, sam_rho=rho,
-                     alpha=defaults["gam_alpha"] if args.gam_alpha is None else args.gam_alpha)
+    hyper = GAMHyper.for_mode(args.gam_mode, rho=args.gam_rho, alpha=args.gam_alpha)  # unset flags: the mode's
     params = [p for p in model.parameters() if p.requires_grad]
 
     step = 0

@@ -8,21 +8,10 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from .directions import GAMHyper
+from .directions import MODES, GAMHyper
 
-GamMode = Literal["none", "sam", "gnp", "gam", "gam_sam", "gam_fast"]
-
-# Defaults that depend on the mode (applied in __post_init__ when the field is left at None).
-# gam_fast: the released code's CIFAR-100 ResNet setting (ρ=0.2, ρ'=0.02, β=0.5, α=0.6, γ=0.03).
-# exact GAM / gnp: the paper's CIFAR-10 setting (App. C.5: ρ=0.04, α=0.1). sam: Foret et al.'s ρ=0.05.
-MODE_DEFAULTS: dict[str, dict[str, float]] = {
-    "none": {"gam_rho": 0.04, "gam_alpha": 0.1},
-    "sam": {"gam_rho": 0.05, "gam_alpha": 0.1},
-    "gnp": {"gam_rho": 0.04, "gam_alpha": 0.1},
-    "gam": {"gam_rho": 0.04, "gam_alpha": 0.1},
-    "gam_sam": {"gam_rho": 0.04, "gam_alpha": 0.1},
-    "gam_fast": {"gam_rho": 0.2, "gam_alpha": 0.6},
-}
+# The choices come from the one mode registry (hf_gam.directions.MODES), and so do the mode-dependent defaults.
+GamMode = Literal[tuple(MODES)]
 
 
 @dataclass
@@ -138,10 +127,11 @@ class GAMConfig(TrainingArguments):
 
     def __post_init__(self):
         self._validate_gam()
-        defaults = MODE_DEFAULTS[self.gam_mode]
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        defaults = MODES[self.gam_mode].defaults
+        if self.gam_rho is None:
+            self.gam_rho = defaults["rho"]
+        if self.gam_alpha is None:
+            self.gam_alpha = defaults["alpha"]
         if self.sam_rho is None:
             self.sam_rho = self.gam_rho
         super().__post_init__()
@@ -149,7 +139,7 @@ class GAMConfig(TrainingArguments):
     def _validate_gam(self) -> None:
         """Raise ``ValueError`` naming the field and the value for every out-of-range ``gam_*`` setting."""
         choices = {
-            "gam_mode": tuple(MODE_DEFAULTS),
+            "gam_mode": tuple(MODES),
             "gam_fast_variant": ("paper", "official"),
             "gam_perturbation": ("local", "global"),
             "gam_rho_schedule": ("constant", "lr_proportional"),
@@ -173,10 +163,9 @@ class GAMConfig(TrainingArguments):
         check("gam_beta", lambda v: 0 <= v <= 1, "in [0, 1]")
         check("gam_eps", lambda v: v >= 0, "a finite number >= 0")
         check("gam_rho_min_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
-        if self.gam_mode == "gam_fast":
-            check("gam_alpha", lambda v: 0 <= v <= 1, "in [0, 1] for gam_fast (paper Eq. 44)", optional=True)
-        else:
-            check("gam_alpha", lambda v: v >= 0, "a finite number >= 0", optional=True)
+        alpha_max = MODES[self.gam_mode].alpha_max  # gam_fast: α weighs g1 against g3 (paper Eq. 44)
+        check("gam_alpha", lambda v: 0 <= v <= alpha_max, "a finite number >= 0" if alpha_max == math.inf
+              else f"in [0, {alpha_max:g}] for gam_mode={self.gam_mode!r}", optional=True)
         if isinstance(self.gam_every, bool) or not isinstance(self.gam_every, int) or self.gam_every < 1:
             raise ValueError(f"gam_every must be an integer >= 1; got {self.gam_every!r}")
         ckpt_kwargs = self.gradient_checkpointing_kwargs

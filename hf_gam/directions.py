@@ -9,17 +9,23 @@ and ``direction_norm`` = ‖d‖ where the function has it anyway (the caller's 
 The oracles are how the world reaches the math (the big_vision GSAM pattern):
 
 ``grad_fn() -> (loss, g)``
-    loss and gradient of the scope's mean loss at the *current* weights.
+    loss and gradient, at the *current* weights, of the mean loss over the batch the perturbation is computed from
+    (``gam_perturbation``: one micro-batch for ``"local"``, the whole global batch for ``"global"``).
 ``grad_hvp_fn(v_fn) -> (loss, g, Hv)``
     the same, plus the exact Hessian-vector product ``H(θ) v`` with ``v = v_fn(g)`` built from that gradient.
 
-Distributed contract: the direction is exact for whatever loss the oracles define. For a per-micro-batch ("local")
-direction the oracles see one micro-batch on one process and the caller averages the directions; for a "global"
-direction the oracles must return gradients (and HVPs) already averaged over every micro-batch and process (an
-all-reduce inside the oracle), so every process computes the same perturbations and the same ``d``. Nothing here
-communicates.
+Distributed contract (``docs/algorithms.md``): the direction is exact for whatever loss the oracles define. For a
+"local" perturbation the oracles see one micro-batch on one process and the caller averages the directions; for a
+"global" perturbation the oracles must return gradients (and HVPs) already averaged over every micro-batch and
+process (an all-reduce inside the oracle), so every process computes the same perturbations and the same ``d``.
+Nothing here communicates.
 
-Rules (``../shared/ALGORITHMS.md``): ``sam``: ``g(θ + ρs g/(‖g‖+ξ))``; ``gnp``: ``g + α ρ H g/(‖g‖+ξ)``; ``gam``
+:data:`MODES` is the one list of modes: each :class:`ModeSpec` holds the mode's rule (an adapter from
+``(GAMHyper, params, oracle)`` to one of the functions here), its cost, and its default ρ and α. The config's
+choices and defaults, the dispatcher, the trainer, FLOP counting, model cards, tests and benchmarks all read it, so a
+new mode is one entry there (plus its direction function, in this file).
+
+Rules (``docs/algorithms.md``): ``sam``: ``g(θ + ρs g/(‖g‖+ξ))``; ``gnp``: ``g + α ρ H g/(‖g‖+ξ)``; ``gam``
 (Algorithm 1): ``g + α ρ H(θa) ga/(‖ga‖+ξ)`` with ``θa = θ + ρ f/(‖f‖+ξ)``, ``f = H g/(‖g‖+ξ)``; ``gam_sam``: the same
 with SAM's gradient in place of ``g``; ``gam_fast``: Algorithm 2. ``adaptive`` makes every ascent step ASAM's
 ``θ + r T² v/(‖T v‖+ξ)``, ``T = |θ|`` of the point being perturbed.
@@ -27,37 +33,58 @@ with SAM's gradient in place of ``g``; ``gam_fast``: Algorithm 2. ``adaptive`` m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from . import functional as F
+from . import functional as GF
 
 GradFn = Callable[[], tuple[Tensor, list[Tensor]]]
 GradHvpFn = Callable[[Callable[[list[Tensor]], list[Tensor]]], tuple[Tensor, list[Tensor], list[Tensor]]]
 
-__all__ = ["sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction", "MODES", "ModeSpec",
-           "GAMHyper"]
+__all__ = ["plain_direction", "sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction", "MODES",
+           "ModeSpec", "GAMHyper", "Oracle"]
 
 
 @dataclass(frozen=True)
 class GAMHyper:
     """The hyper-parameters of one step, in the paper's symbols (``GAMConfig.gam_hyper(lr)`` builds it from a
-    config; a plain loop can build it directly). ``rho`` ρ, ``alpha`` α, ``sam_rho`` ρs, ``rho_prime`` ρ',
-    ``beta`` β, ``gamma`` γ, ``eps`` ξ; ``variant`` is Algorithm 2's ``h-`` rule; ``adaptive`` ASAM steps."""
+    config; a plain loop builds it with :meth:`for_mode`). ``rho`` ρ, ``alpha`` α, ``sam_rho`` ρs, ``rho_prime``
+    ρ', ``beta`` β, ``gamma`` γ, ``eps`` ξ; ``variant`` is Algorithm 2's ``h-`` rule; ``adaptive`` ASAM steps.
+
+    ``rho`` and ``alpha`` left at ``None`` take the mode's defaults (``MODES[mode].defaults``, the same the config
+    takes); ``sam_rho`` left at ``None`` equals ``rho``. An unknown ``mode`` raises ``ValueError``."""
 
     mode: str = "gam"
-    rho: float = 0.04
-    alpha: float = 0.1
-    sam_rho: float = 0.04
+    rho: float | None = None
+    alpha: float | None = None
+    sam_rho: float | None = None
     rho_prime: float = 0.02
     beta: float = 0.5
     gamma: float = 0.03
     eps: float = 1e-12
     variant: str = "paper"
     adaptive: bool = False
+
+    def __post_init__(self):
+        spec = MODES.get(self.mode)
+        if spec is None:
+            raise ValueError(f"GAMHyper.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name, value in spec.defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.sam_rho is None:
+            object.__setattr__(self, "sam_rho", self.rho)
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides) -> GAMHyper:
+        """``mode``'s hyper-parameters: its defaults (``MODES[mode].defaults`` and the fields' own), then
+        ``overrides`` (``None`` values are ignored, so ``for_mode(m, rho=args.rho)`` works with an unset flag)."""
+        return cls(mode=mode, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class _Unit:
@@ -67,7 +94,7 @@ class _Unit:
         self.eps, self.norm = eps, None
 
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
-        self.norm = F.global_norm(v)
+        self.norm = GF.global_norm(v)
         return torch._foreach_div(v, (self.norm + self.eps).to(v[0].dtype))
 
 
@@ -76,19 +103,25 @@ def _ascend(params: Sequence[Tensor], v: list[Tensor], r: float, eps: float, ada
     """``θ <- θ + r v/(‖v‖+ξ)`` (or ASAM's rule) in place; with ``consume`` the step is built in ``v``'s storage
     (``v`` is garbage afterwards), saving a parameter-sized temporary; ``norm`` is ``‖v‖`` if already known."""
     weights = [p.detach() for p in params] if adaptive else None
-    step = (F.ascent_step_ if consume else F.ascent_step)(v, r, eps, weights, norm=norm)
-    F.add_(params, step)
+    step = (GF.ascent_step_ if consume else GF.ascent_step)(v, r, eps, weights, norm=norm)
+    GF.add_(params, step)
+
+
+def plain_direction(grad_fn: GradFn):
+    """No perturbation (mode ``none``): ``d = g(θ)``. One pass."""
+    loss, g = grad_fn()
+    return g, {"loss": loss, "grad_norm": GF.global_norm(g)}
 
 
 def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps: float, adaptive: bool = False):
     """SAM (Foret et al. 2021): ``d = g(θ + ρ g/(‖g‖+ξ))``. Two passes."""
     loss, g = grad_fn()
-    stats = {"loss": loss, "grad_norm": F.global_norm(g)}
-    with F.weights_restored(params):
+    stats = {"loss": loss, "grad_norm": GF.global_norm(g)}
+    with GF.weights_restored(params):
         _ascend(params, g, rho, eps, adaptive, consume=True, norm=stats["grad_norm"])
         del g
         _, g_sam = grad_fn()
-    stats["ascent_grad_norm"] = stats["direction_norm"] = F.global_norm(g_sam)
+    stats["ascent_grad_norm"] = stats["direction_norm"] = GF.global_norm(g_sam)
     return g_sam, stats
 
 
@@ -98,7 +131,7 @@ def gnp_direction(params: Sequence[Tensor], grad_hvp_fn: GradHvpFn, *, rho: floa
     unit = _Unit(eps)
     loss, g, f = grad_hvp_fn(unit)
     stats = {"loss": loss, "grad_norm": unit.norm}
-    return F.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
+    return GF.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
 
 
 def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHvpFn, *, rho: float, alpha: float,
@@ -112,19 +145,19 @@ def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHv
     unit, unit_a = _Unit(eps), _Unit(eps)
     loss, g, f = grad_hvp_fn(unit)
     stats = {"loss": loss, "grad_norm": unit.norm}
-    with F.weights_restored(params) as theta:
+    with GF.weights_restored(params) as theta:
         if sam_rho is not None:
             _ascend(params, g, sam_rho, eps, adaptive, consume=True, norm=unit.norm)
             _, g = grad_fn()
-            stats["sam_grad_norm"] = F.global_norm(g)
-            F.copy_(params, theta)
+            stats["sam_grad_norm"] = GF.global_norm(g)
+            GF.copy_(params, theta)
         _ascend(params, f, rho, eps, adaptive, consume=True)
         del f
         _, ga, h = grad_hvp_fn(unit_a)
     stats["ascent_grad_norm"] = unit_a.norm
     del ga
     torch._foreach_mul_(h, rho)
-    return F.gam_combine(g, h, alpha), stats
+    return GF.gam_combine(g, h, alpha), stats
 
 
 def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, rho_prime: float, alpha: float,
@@ -132,45 +165,127 @@ def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float,
     """Accelerated GAM, Algorithm 2: four first-order passes, no HVP.
 
     ``g0 = g(θ)``; ``g1 = g(θ + ρ' g0/(‖g0‖+ξ))``; ``θ2 = θ + ρ (g1-g0)/(‖g1-g0‖+ξ)``; ``g2 = g(θ2)``;
-    ``g3 = g(θ2 + ρ' g2/(‖g2‖+ξ))``; then :func:`hf_gam.functional.fast_gam_combine`.
+    ``g3 = g(θ2 + ρ' g2/(‖g2‖+ξ))``; ``h+`` (:func:`hf_gam.functional.h_plus_`), ``h-``
+    (:func:`~hf_gam.functional.h_minus_`), ``d = h+ - γ h-⊥`` (:func:`~hf_gam.functional.gam_fast_final_`).
     Beyond the pass's own gradient it holds three parameter-sized buffers: the saved θ, ``h-`` (built in g0's
     storage) and ``h+`` (built in g1's).
     """
     loss, g0 = grad_fn()
-    stats = {"loss": loss, "grad_norm": F.global_norm(g0)}
-    with F.weights_restored(params) as theta:
+    stats = {"loss": loss, "grad_norm": GF.global_norm(g0)}
+    with GF.weights_restored(params) as theta:
         _ascend(params, g0, rho_prime, eps, adaptive, norm=stats["grad_norm"])
         _, g1 = grad_fn()
-        F.copy_(params, theta)
+        GF.copy_(params, theta)
         h0 = torch._foreach_sub(g1, g0)
         _ascend(params, h0, rho, eps, adaptive, consume=True)
         del h0
         _, g2 = grad_fn()
-        stats["ascent_grad_norm"] = F.global_norm(g2)
-        h_minus = F.h_minus_(g0, g2, beta, variant)
+        stats["ascent_grad_norm"] = GF.global_norm(g2)
+        h_minus = GF.h_minus_(g0, g2, beta, variant)
         _ascend(params, g2, rho_prime, eps, adaptive, consume=True, norm=stats["ascent_grad_norm"])
         del g2
         _, g3 = grad_fn()
-    h_plus = F.h_plus_(g1, g3, alpha)
+    h_plus = GF.h_plus_(g1, g3, alpha)
     del g3
-    return F.fast_gam_final_(h_plus, h_minus, gamma, eps), stats
+    return GF.gam_fast_final_(h_plus, h_minus, gamma, eps), stats
+
+
+class Oracle(Protocol):
+    """What the registry's adapters call (implemented by :class:`hf_gam.passes.WindowOracle` and
+    :class:`~hf_gam.passes.MicroBatchOracle`)."""
+
+    def grad(self) -> tuple[Tensor, list[Tensor]]: ...
+
+    def grad_hvp(self, v_fn: Callable[[list[Tensor]], list[Tensor]]) -> tuple[Tensor, list[Tensor], list[Tensor]]: ...
+
+
+Direction = Callable[[GAMHyper, Sequence[Tensor], Oracle], tuple[list[Tensor], dict[str, Tensor]]]
 
 
 @dataclass(frozen=True)
 class ModeSpec:
-    """What a ``gam_mode`` costs and needs. ``passes``: forward+backward equivalents per micro-batch (an exact HVP
-    counts as two); ``hvp``: whether it builds double-backward graphs (SDPA math kernel needed)."""
+    """Everything the package knows about one ``gam_mode``.
 
-    passes: int
-    hvp: bool
+    - ``direction(hyper, params, oracle) -> (d, stats)``: the rule, reading its hyper-parameters from ``hyper``.
+    - ``grad_calls`` / ``hvp_calls``: calls per step to ``oracle.grad`` and to ``oracle.grad_hvp`` (a gradient and
+      an exact HVP at one point). Derived: ``oracle_calls`` (forward passes of one micro-batch), ``passes``
+      (forward+backward equivalents, an exact HVP counting as two more: FLOP counting and model cards) and ``hvp``
+      (double-backward graphs, so the SDPA math kernel).
+    - ``norm_ascent``: the mode climbs the gradient norm, so ρ times its ``ascent_grad_norm`` estimates the
+      first-order flatness R1 (logged as ``gam/r1``).
+    - ``defaults``: the mode's ``rho`` and ``alpha`` (what :class:`GAMHyper` and ``GAMConfig`` take when left unset;
+      the other hyper-parameters have mode-independent defaults).
+    - ``alpha_max``: the largest valid α (``gam_fast``: α weighs ``g1`` against ``g3``, so at most 1).
+    - ``summary``: one line for model cards and docs.
+    """
+
+    direction: Direction
+    grad_calls: int
+    hvp_calls: int
+    norm_ascent: bool
+    defaults: Mapping[str, float]
     summary: str
+    alpha_max: float = math.inf
+
+    def __post_init__(self):
+        if set(self.defaults) != {"rho", "alpha"}:
+            raise ValueError(f"ModeSpec.defaults must give exactly rho and alpha; got {dict(self.defaults)}")
+
+    @property
+    def oracle_calls(self) -> int:
+        return self.grad_calls + self.hvp_calls
+
+    @property
+    def passes(self) -> int:
+        return self.grad_calls + 3 * self.hvp_calls
+
+    @property
+    def hvp(self) -> bool:
+        return self.hvp_calls > 0
 
 
+# Adapters: (hyper, params, oracle) -> the mode's direction function with its hyper-parameters.
+def _none(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return plain_direction(oracle.grad)
+
+
+def _sam(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return sam_direction(params, oracle.grad, rho=h.sam_rho, eps=h.eps, adaptive=h.adaptive)
+
+
+def _gnp(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return gnp_direction(params, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps)
+
+
+def _gam(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return gam_direction(params, oracle.grad, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps,
+                         adaptive=h.adaptive)
+
+
+def _gam_sam(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return gam_direction(params, oracle.grad, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps,
+                         adaptive=h.adaptive, sam_rho=h.sam_rho)
+
+
+def _gam_fast(h: GAMHyper, params: Sequence[Tensor], oracle: Oracle):
+    return gam_fast_direction(params, oracle.grad, rho=h.rho, rho_prime=h.rho_prime, alpha=h.alpha, beta=h.beta,
+                              gamma=h.gamma, eps=h.eps, variant=h.variant, adaptive=h.adaptive)
+
+
+# The one list of modes (a new mode: its direction function and adapter above, and one entry here).
+# Default ρ, α: exact GAM / gnp: the paper's CIFAR-10 setting (App. C.5); sam: Foret et al.'s ρ = 0.05 (ρs follows
+# ρ); gam_fast: the released code's CIFAR-100 ResNet setting (its ρ', β, γ are GAMHyper's field defaults).
 MODES: dict[str, ModeSpec] = {
-    "none": ModeSpec(1, False, "plain gradient, identical to transformers.Trainer"),
-    "sam": ModeSpec(2, False, "SAM: gradient at θ + ρs g/‖g‖"),
-    "gnp": ModeSpec(3, True, "gradient-norm penalty g + αρ∇‖g‖ (1 pass + HVP)"),
-    "gam": ModeSpec(6, True, "GAM, Algorithm 1 (2 passes + 2 HVPs)"),
-    "gam_sam": ModeSpec(7, True, "GAM with SAM's oracle gradient (3 passes + 2 HVPs)"),
-    "gam_fast": ModeSpec(4, False, "accelerated GAM, Algorithm 2 (4 passes)"),
+    "none": ModeSpec(_none, grad_calls=1, hvp_calls=0, norm_ascent=False, defaults={"rho": 0.04, "alpha": 0.1},
+                     summary="plain gradient, identical to transformers.Trainer"),
+    "sam": ModeSpec(_sam, grad_calls=2, hvp_calls=0, norm_ascent=False, defaults={"rho": 0.05, "alpha": 0.1},
+                    summary="SAM: gradient at θ + ρs g/‖g‖"),
+    "gnp": ModeSpec(_gnp, grad_calls=0, hvp_calls=1, norm_ascent=False, defaults={"rho": 0.04, "alpha": 0.1},
+                    summary="gradient-norm penalty g + αρ∇‖g‖ (1 pass + HVP)"),
+    "gam": ModeSpec(_gam, grad_calls=0, hvp_calls=2, norm_ascent=True, defaults={"rho": 0.04, "alpha": 0.1},
+                    summary="GAM, Algorithm 1 (2 passes + 2 HVPs)"),
+    "gam_sam": ModeSpec(_gam_sam, grad_calls=1, hvp_calls=2, norm_ascent=True, defaults={"rho": 0.04, "alpha": 0.1},
+                        summary="GAM with SAM's oracle gradient (3 passes + 2 HVPs)"),
+    "gam_fast": ModeSpec(_gam_fast, grad_calls=4, hvp_calls=0, norm_ascent=True, defaults={"rho": 0.2, "alpha": 0.6},
+                         alpha_max=1.0, summary="accelerated GAM, Algorithm 2 (4 passes)"),
 }

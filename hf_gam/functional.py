@@ -8,7 +8,8 @@ First-Order Flatness and Improves Generalization", CVPR 2023): ``rho`` (ρ), ``r
 The kernels are ``torch._foreach_*`` (one launch per op for the whole list) where one exists; the tests check them
 against a plain per-tensor loop in float64.
 
-The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.directions`; they call these.
+The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.directions`; they call these, and
+this module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -32,11 +33,9 @@ __all__ = [
     "hvp",
     "second_order_context",
     "gam_combine",
-    "decompose",
     "h_plus_",
     "h_minus_",
-    "fast_gam_final_",
-    "fast_gam_combine",
+    "gam_fast_final_",
     "weights_restored",
 ]
 
@@ -138,15 +137,6 @@ def gam_combine(g: Sequence[Tensor], h: Sequence[Tensor], alpha: float) -> Tenso
     return axpy(g, alpha, h)
 
 
-def decompose(h_minus: Sequence[Tensor], h_plus: Sequence[Tensor], eps: float) -> tuple[TensorList, TensorList]:
-    """Split ``h_minus`` into the parts parallel and orthogonal to ``h_plus`` (Algorithm 2, line 15):
-    ``h_par = (<h-, h+> / (‖h+‖² + eps)) h+`` and ``h_perp = h- - h_par``."""
-    coef = dot(h_minus, h_plus) / (global_norm(h_plus) ** 2 + eps)
-    par = torch._foreach_mul(list(h_plus), coef.to(h_plus[0].dtype))
-    perp = torch._foreach_sub(list(h_minus), par)
-    return par, perp
-
-
 def h_plus_(g1: list[Tensor], g3: Sequence[Tensor], alpha: float) -> list[Tensor]:
     """``h+ = α g1 + (1-α) g3`` (Eq. 45), built in ``g1``'s storage and returned."""
     torch._foreach_mul_(g1, alpha)
@@ -167,24 +157,14 @@ def h_minus_(g0: list[Tensor], g2: Sequence[Tensor], beta: float, variant: str =
     return g0
 
 
-def fast_gam_final_(h_plus: list[Tensor], h_minus: Sequence[Tensor], gamma: float, eps: float) -> list[Tensor]:
-    """``d = h+ - γ h-⊥`` (Algorithm 2, line 16), built in ``h_plus``'s storage and returned."""
+def gam_fast_final_(h_plus: list[Tensor], h_minus: Sequence[Tensor], gamma: float, eps: float) -> list[Tensor]:
+    """``d = h+ - γ h-⊥`` (Algorithm 2, lines 15-16) with ``h-⊥ = h- - (<h-, h+> / (‖h+‖² + ξ)) h+`` the part of
+    ``h-`` orthogonal to ``h+``; built in ``h_plus``'s storage and returned."""
     coef = dot(h_minus, h_plus) / (global_norm(h_plus) ** 2 + eps)
-    # h-⊥ = h- - coef h+  =>  d = h+ - γ h- + γ coef h+ = (1 + γ coef) h+ - γ h-
+    # d = h+ - γ h- + γ coef h+ = (1 + γ coef) h+ - γ h-
     torch._foreach_mul_(h_plus, (1.0 + gamma * coef).to(h_plus[0].dtype))
     torch._foreach_add_(h_plus, list(h_minus), alpha=-gamma)
     return h_plus
-
-
-def fast_gam_combine(
-    g0: Sequence[Tensor], g1: Sequence[Tensor], g2: Sequence[Tensor], g3: Sequence[Tensor], *,
-    alpha: float, beta: float, gamma: float, eps: float, variant: str = "paper",
-) -> TensorList:
-    """Algorithm 2's direction from its four gradients (inputs untouched): ``h+ = α g1 + (1-α) g3``;
-    ``h-`` by :func:`h_minus_`; ``d = h+ - γ h-⊥`` with ``h-⊥`` the part of ``h-`` orthogonal to ``h+``."""
-    h_plus = h_plus_(torch._foreach_mul(list(g1), 1.0), g3, alpha)
-    h_minus = h_minus_(torch._foreach_mul(list(g0), 1.0), g2, beta, variant)
-    return fast_gam_final_(h_plus, h_minus, gamma, eps)
 
 
 @contextmanager
@@ -197,20 +177,6 @@ def weights_restored(params: Sequence[Tensor]):
         yield backup
     finally:
         copy_(params, backup)
-
-
-
-# The per-mode directions (pure functions of gradient oracles, in hf_gam.directions) are part of this public API too.
-_DIRECTIONS = ("GAMHyper", "sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction")
-__all__ += list(_DIRECTIONS)
-
-
-def __getattr__(name: str):
-    if name in _DIRECTIONS:
-        from . import directions
-
-        return getattr(directions, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextmanager

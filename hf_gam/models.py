@@ -188,12 +188,3 @@ def model_summary(model: PreTrainedModel) -> dict:
     if getattr(config, "architecture", None):
         summary["timm_architecture"] = config.architecture
     return summary
-
-
-def read_saved_labels(directory: str) -> dict[int, str]:
-    """``id2label`` of a saved model directory (timm wrappers store ``label_names`` instead)."""
-    with open(os.path.join(directory, "config.json")) as f:
-        cfg = json.load(f)
-    if "id2label" in cfg:
-        return {int(k): v for k, v in cfg["id2label"].items()}
-    return dict(enumerate(cfg.get("label_names", [])))

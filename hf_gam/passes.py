@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import directions as D
-from . import functional as F
+from . import functional as GF
 from .functional import second_order_context  # the one definition; importable from here too
 
 LossFn = Callable[[], Tensor]
@@ -68,11 +68,12 @@ class BatchNormGuard:
 
 
 class WindowOracle:
-    """Gradient oracles over the micro-batches ``batches`` of this process and, with ``reduce=True`` in a
-    multi-process run, over those of every process: the loss is the item-weighted mean
-    ``Σ n_i L_i / Σ n_i`` (``n_i = count_fn(batch_i)``, ``L_i = loss_fn(batch_i)`` the mean loss of micro-batch
-    ``i`` at the current weights), its gradient and HVPs are summed with one all-reduce per oracle call, so every
-    process gets the same values whatever the world size and accumulation split.
+    """Gradient oracles for a global perturbation (``gam_perturbation="global"``): over the micro-batches
+    ``batches`` of this process and, with ``reduce=True`` in a multi-process run, over those of every process: the
+    loss is the item-weighted mean ``Σ n_i L_i / Σ n_i`` (``n_i = count_fn(batch_i)``, ``L_i = loss_fn(batch_i)``
+    the mean loss of micro-batch ``i`` at the current weights), its gradient and HVPs are summed with one
+    all-reduce per oracle call, so every process gets the same values whatever the world size and accumulation
+    split.
 
     With one micro-batch and no reduction (:class:`MicroBatchOracle`) an HVP costs one pass; otherwise the
     gradient that defines ``v`` must be complete before any HVP, so an HVP point costs a gradient sweep and a
@@ -89,7 +90,6 @@ class WindowOracle:
                  pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.params = list(params)
         self.loss_scale = loss_scale
-        self.calls = 0
         self.batches = list(batches)
         self.loss_fn = loss_fn
         self.pass_context = pass_context
@@ -156,18 +156,16 @@ class WindowOracle:
         return loss, self._unscale(g)
 
     def grad(self) -> tuple[Tensor, list[Tensor]]:
-        self.calls += 1
         loss, g = self._grad_sweep()
         self._after_call()
         return loss, g
 
     def grad_hvp(self, v_fn: Callable[[list[Tensor]], list[Tensor]]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        self.calls += 1
         if self.weights is None:  # one micro-batch, no reduction: gradient and HVP from one graph
             with self.pass_context(), second_order_context():
                 loss, g = self._pass(self.batches[0], create_graph=True)
                 g_detached = self._unscale([x.detach() for x in g])
-                hv = self._unscale(F.hvp(g, self.params, v_fn(g_detached)))
+                hv = self._unscale(GF.hvp(g, self.params, v_fn(g_detached)))
                 del g
             self._after_call()
             return loss.detach(), g_detached, hv
@@ -178,7 +176,7 @@ class WindowOracle:
         for batch in self.batches:
             with self.pass_context(), second_order_context():
                 loss_i, g_i = self._pass(batch, create_graph=True)
-                hvs.append(F.hvp(g_i, self.params, v))
+                hvs.append(GF.hvp(g_i, self.params, v))
                 losses.append(loss_i.detach())
                 del g_i
         _, hv = self._combine(losses, hvs)
@@ -190,8 +188,8 @@ class WindowOracle:
 
 
 class MicroBatchOracle(WindowOracle):
-    """Oracles over one micro-batch on this process only (``gam_perturbation="local"``): ``loss_fn()`` is its mean
-    loss at the current weights."""
+    """Oracles for a local perturbation (``gam_perturbation="local"``): over one micro-batch on this process only;
+    ``loss_fn()`` is its mean loss at the current weights."""
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], loss_fn: LossFn, *,
                  loss_scale: float | None = None,
@@ -201,22 +199,12 @@ class MicroBatchOracle(WindowOracle):
 
 
 def compute_direction(hyper: D.GAMHyper, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Run ``hyper.mode``'s passes through ``oracle`` and return ``(d, stats)``."""
-    h = hyper
-    if h.mode == "none":
-        loss, g = oracle.grad()
-        return g, {"loss": loss, "grad_norm": F.global_norm(g)}
-    if h.mode == "sam":
-        return D.sam_direction(params, oracle.grad, rho=h.sam_rho, eps=h.eps, adaptive=h.adaptive)
-    if h.mode == "gnp":
-        return D.gnp_direction(params, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps)
-    if h.mode in ("gam", "gam_sam"):
-        return D.gam_direction(params, oracle.grad, oracle.grad_hvp, rho=h.rho, alpha=h.alpha, eps=h.eps,
-                               adaptive=h.adaptive, sam_rho=h.sam_rho if h.mode == "gam_sam" else None)
-    if h.mode == "gam_fast":
-        return D.gam_fast_direction(params, oracle.grad, rho=h.rho, rho_prime=h.rho_prime, alpha=h.alpha,
-                                    beta=h.beta, gamma=h.gamma, eps=h.eps, variant=h.variant, adaptive=h.adaptive)
-    raise ValueError(f"gam_mode must be one of {', '.join(D.MODES)}; got {h.mode!r}")
+    """Run ``hyper.mode``'s passes through ``oracle`` (its entry in :data:`hf_gam.directions.MODES`) and return
+    ``(d, stats)``."""
+    spec = D.MODES.get(hyper.mode)
+    if spec is None:
+        raise ValueError(f"gam_mode must be one of {', '.join(D.MODES)}; got {hyper.mode!r}")
+    return spec.direction(hyper, params, oracle)
 
 
 def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle,
@@ -237,7 +225,7 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
         d, stats = compute_direction(hyper, params, oracle)
         d_norm = stats.pop("direction_norm", None)
         clean_ok, all_ok = torch.stack([torch.isfinite(stats["grad_norm"]),
-                                        torch.isfinite(F.global_norm(d) if d_norm is None else d_norm)]).tolist()
+                                        torch.isfinite(GF.global_norm(d) if d_norm is None else d_norm)]).tolist()
     except BaseException:
         oracle.close(failed=True)
         raise
@@ -260,4 +248,4 @@ def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle
         oracle.close(failed=True)
         raise
     oracle.close()
-    return d, {"loss": loss, "grad_norm": F.global_norm(d), "nonfinite_fallback": torch.ones(())}
+    return d, {"loss": loss, "grad_norm": GF.global_norm(d), "nonfinite_fallback": torch.ones(())}

@@ -45,7 +45,7 @@ class GAMTrainer(Trainer):
     """A ``transformers.Trainer`` for sharpness- and flatness-aware training; pass ``args=GAMConfig(...)``.
 
     Everything else (datasets, collators, optimizers, callbacks, ``accelerate launch`` / ``torchrun``) is the
-    Trainer's. See :class:`hf_gam.GAMConfig` for the ``gam_*`` fields and ``ALGORITHMS.md`` for the update rules.
+    Trainer's. See :class:`hf_gam.GAMConfig` for the ``gam_*`` fields and ``docs/algorithms.md`` for the update rules.
     """
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a, **kw):
@@ -97,7 +97,7 @@ class GAMTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _mean_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        """Mean loss of one micro-batch at the current weights (the ``L`` of ALGORITHMS.md)."""
+        """Mean loss of one micro-batch at the current weights (the ``L`` of docs/algorithms.md)."""
         with self.compute_loss_context_manager():
             if self._own_loss_applies(inputs):
                 _, logits, labels = self._logits_and_labels(model, inputs)
@@ -139,7 +139,7 @@ class GAMTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
-            return self._global_step(model, params, inputs)
+            return self._global_perturbation_step(model, params, inputs)
         scale = self._loss_scale()
         oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=scale,
                                   pass_context=lambda: self.accelerator.no_sync(model))
@@ -151,7 +151,7 @@ class GAMTrainer(Trainer):
         self._record(stats)
         return (stats["loss"].double() * weight).to(self.args.device, torch.float32)
 
-    def _global_step(self, model: nn.Module, params: list[Tensor], inputs: dict[str, Any]) -> Tensor:
+    def _global_perturbation_step(self, model: nn.Module, params: list[Tensor], inputs: dict[str, Any]) -> Tensor:
         """``gam_perturbation="global"``: keep the window's micro-batches; at its last one run every pass over all
         of them on all processes (:class:`~hf_gam.passes.WindowOracle`) and set ``p.grad`` to the direction."""
         self._gam_window.append(inputs)
@@ -204,7 +204,7 @@ class GAMTrainer(Trainer):
         self._gam_metrics["gam/grad_norm"].append(stats["grad_norm"].detach())
         if "ascent_grad_norm" in stats:
             self._gam_metrics["gam/ascent_grad_norm"].append(stats["ascent_grad_norm"].detach())
-            if self.args.gam_mode in ("gam", "gam_sam", "gam_fast"):
+            if MODES[self.args.gam_mode].norm_ascent:
                 self._gam_metrics["gam/r1"].append(self.args.gam_rho * stats["ascent_grad_norm"].detach())
 
     # ------------------------------------------------------------------------------------ bookkeeping

@@ -1,4 +1,4 @@
-"""An independent float64 transcription of ALGORITHMS.md on flat parameter vectors, with explicit Hessians.
+"""An independent float64 transcription of docs/algorithms.md on flat parameter vectors, with explicit Hessians.
 
 Nothing here imports hf_gam: it is what the library is checked against. ``loss_of(model, batches)`` turns a model
 and its micro-batches into ``L(θ)`` of a flat vector; every rule below is written from the paper's formulas.
@@ -50,7 +50,7 @@ def ascend(theta, v, r, xi, adaptive):
 
 def direction(mode, L, theta, *, rho, alpha, sam_rho=None, rho_prime=0.02, beta=0.5, gamma=0.03, xi=1e-12,
               variant="paper", adaptive=False):
-    """The direction ``d`` of ``mode`` at ``theta`` (ALGORITHMS.md), HVPs as explicit Hessian products."""
+    """The direction ``d`` of ``mode`` at ``theta`` (docs/algorithms.md), HVPs as explicit Hessian products."""
     sam_rho = rho if sam_rho is None else sam_rho
     g = grad(L, theta)
     if mode == "none":

@@ -97,26 +97,16 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_graph_sees_known_edges():
     """The checker itself: relative, absolute, ``from . import module`` and function-level imports are edges."""
     graph = import_graph()
-    assert "hf_gam.functional" in graph["hf_gam.directions"]  # from . import functional as F
+    assert "hf_gam.functional" in graph["hf_gam.directions"]  # from . import functional as GF
     assert "hf_gam.flatness._objective" in graph["hf_gam.flatness.measures"]  # from ._objective import ...
-    assert "hf_gam.functional" in graph["hf_gam.flatness._objective"]  # from .. import functional as F
+    assert "hf_gam.functional" in graph["hf_gam.flatness._objective"]  # from .. import functional as GF
     assert "hf_gam.trainer" in graph["hf_gam.cli"]  # inside a function
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-# functional <-> directions (functional's lazy __getattr__ re-export of the direction functions): fixed on branch
-# i12reg. Remove this marker when that branch is merged.
-@pytest.mark.xfail(strict=False, reason="functional <-> directions: fixed on branch i12reg")
 def test_no_import_cycles():
     cycles = import_cycles(import_graph())
-    assert not cycles, f"import cycles in hf_gam: {_describe(cycles)}"
-
-
-def test_no_import_cycles_besides_functional_directions():
-    """Every cycle but the one another branch removes (keeps this guard strict while the marker above stands)."""
-    known = ["hf_gam.directions", "hf_gam.functional"]
-    cycles = [c for c in import_cycles(import_graph()) if c != known]
     assert not cycles, f"import cycles in hf_gam: {_describe(cycles)}"
 
 

@@ -34,7 +34,7 @@ def test_step_cost_tiny(tmp_path):
     out = tmp_path / "step_cost.md"
     result = step_cost.main(["--tiny", "--out", str(out)])
     text = out.read_text()
-    for label, _ in step_cost.MODES:
+    for label, _ in step_cost.CASES:
         assert f"| {label} |" in text
     summary = result["time"]["tiny"]["summary"]
     assert summary["Trainer (plain)"]["ratio"] == pytest.approx(1.0)
@@ -79,7 +79,7 @@ def test_gpu_step_cost_code_path_on_cpu(tmp_path):
     gpu = _load("benchmarks/gpu_step_cost.py", "bench_gpu_step_cost")
     rows = gpu.main(["--tiny", "--device", "cpu", "--models", "resnet18", "--dtypes", "bf16",
                      "--out", str(tmp_path / "gpu.md")])
-    assert {r["mode"] for r in rows} == {label for label, _ in gpu.MODES}
+    assert {r["mode"] for r in rows} == {label for label, _ in gpu.CASES}
 
 
 def test_reproduce_label_noise_quick(tmp_path):

@@ -1,5 +1,5 @@
-"""Two real processes (torchrun, gloo, CPU): each scope's step equals the float64 reference of the micro-batches
-actually seen, and the ranks end bit-identical."""
+"""Two real processes (torchrun, gloo, CPU): the step of each perturbation (local, global) equals the float64
+reference of the micro-batches actually seen, and the ranks end bit-identical."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ def ddp_results(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode,scope", CASES)
-def test_two_processes_match_reference(ddp_results, mode, scope):
-    r0, r1 = (r[f"{mode}:{scope}"] for r in ddp_results)
+@pytest.mark.parametrize("mode,perturbation", CASES)
+def test_two_processes_match_reference(ddp_results, mode, perturbation):
+    r0, r1 = (r[f"{mode}:{perturbation}"] for r in ddp_results)
     assert r0["world"] == 2
     assert torch.equal(r0["theta1"], r1["theta1"]), "ranks diverged"
     assert torch.equal(r0["theta0"], r1["theta0"])
@@ -46,7 +46,7 @@ def test_two_processes_match_reference(ddp_results, mode, scope):
     assert len(batches) == 2 and all(len(b["labels"]) == 8 for b in batches)
     model = tiny_model()
     kw = ref_kwargs(sgd_args("unused", gam_mode=mode, **HP))
-    if scope == "local":
+    if perturbation == "local":
         d_ref = sum(direction(mode, loss_of(model, b), r0["theta0"], **kw) for b in batches) / 2
     else:
         union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
@@ -55,13 +55,13 @@ def test_two_processes_match_reference(ddp_results, mode, scope):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode,scope", CASES)
-def test_one_process_accumulation_two_equals_same_reference(tmp_path, mode, scope):
+@pytest.mark.parametrize("mode,perturbation", CASES)
+def test_one_process_accumulation_two_equals_same_reference(tmp_path, mode, perturbation):
     """The other split of the same global batch of 16: one process, two micro-batches of 8."""
     trainer, theta0, theta1 = one_step(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                                       gam_mode=mode, gam_perturbation=scope, **HP)
+                                       gam_mode=mode, gam_perturbation=perturbation, **HP)
     kw = ref_kwargs(trainer.args)
-    if scope == "local":
+    if perturbation == "local":
         d_ref = sum(direction(mode, loss_of(trainer.model, b), theta0, **kw) for b in trainer.seen) / 2
     else:
         union = {k: torch.cat([b[k] for b in trainer.seen]) for k in trainer.seen[0]}

@@ -8,7 +8,7 @@ from _tiny import tiny_data, tiny_model
 from reference import flat_params, hessian, loss_of
 
 from hf_gam import directions as D
-from hf_gam import functional as F
+from hf_gam import functional as GF
 from hf_gam.passes import MicroBatchOracle
 
 
@@ -23,42 +23,40 @@ def flat(ts):
 
 def test_global_norm_and_dot_match_loop():
     a, b = tensors(0), tensors(1)
-    assert F.global_norm(a).item() == pytest.approx(flat(a).norm().item(), rel=1e-15)
-    assert F.global_norm(a, b).item() == pytest.approx((flat(a) * flat(b).abs()).norm().item(), rel=1e-14)
-    assert F.dot(a, b).item() == pytest.approx((flat(a) @ flat(b)).item(), rel=1e-14)
+    assert GF.global_norm(a).item() == pytest.approx(flat(a).norm().item(), rel=1e-15)
+    assert GF.global_norm(a, b).item() == pytest.approx((flat(a) * flat(b).abs()).norm().item(), rel=1e-14)
+    assert GF.dot(a, b).item() == pytest.approx((flat(a) @ flat(b)).item(), rel=1e-14)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_ascent_step_matches_loop(adaptive):
     v, w = tensors(2), tensors(3)
-    e = F.ascent_step(v, 0.3, 1e-12, w if adaptive else None)
+    e = GF.ascent_step(v, 0.3, 1e-12, w if adaptive else None)
     fv, fw = flat(v), flat(w)
     expected = 0.3 * fw**2 * fv / ((fw.abs() * fv).norm() + 1e-12) if adaptive else 0.3 * fv / (fv.norm() + 1e-12)
     torch.testing.assert_close(flat(e), expected, rtol=1e-14, atol=0)
     assert torch.equal(flat(v), flat(tensors(2)))  # input untouched
 
 
-def test_decompose_is_orthogonal_and_sums_back():
-    hm, hp = tensors(4), tensors(5)
-    par, perp = F.decompose(hm, hp, 0.0)
-    assert abs(F.dot(perp, hp).item()) < 1e-12
-    torch.testing.assert_close(flat(par) + flat(perp), flat(hm))
-
-
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_fast_gam_combine_matches_loop(variant):
+def test_gam_fast_combination_matches_loop(variant):
+    """Algorithm 2's last lines as gam_fast_direction runs them (h+ in g1's storage, h- in g0's, then d in h+'s)
+    against the textbook formulas: h-⊥ is h- minus its projection on h+, and d = h+ - γ h-⊥."""
     g0, g1, g2, g3 = (tensors(s) for s in range(10, 14))
-    copies = [flat(x).clone() for x in (g0, g1, g2, g3)]
-    d = F.fast_gam_combine(g0, g1, g2, g3, alpha=0.6, beta=0.3, gamma=0.4, eps=1e-12, variant=variant)
-    f0, f1, f2, f3 = copies
+    f0, f1, f2, f3 = (flat(x).clone() for x in (g0, g1, g2, g3))
+    h_plus = GF.h_plus_(g1, g3, 0.6)
+    h_minus = GF.h_minus_(g0, g2, 0.3, variant)
     hp = 0.6 * f1 + 0.4 * f3
     hm = 0.3 * f0 + 0.7 * f2 if variant == "paper" else f0 + 0.7 * f2
+    torch.testing.assert_close(flat(h_plus), hp, rtol=1e-14, atol=0)
+    torch.testing.assert_close(flat(h_minus), hm, rtol=1e-14, atol=0)
+    d = GF.gam_fast_final_(h_plus, h_minus, 0.4, 1e-12)
     perp = hm - (hm @ hp) / (hp @ hp + 1e-12) * hp
+    assert abs((perp @ hp).item()) < 1e-12 * hp.norm().item() * hm.norm().item()
     torch.testing.assert_close(flat(d), hp - 0.4 * perp, rtol=1e-13, atol=1e-15)
-    for x, c in zip((g0, g1, g2, g3), copies):
-        assert torch.equal(flat(x), c)
+    assert torch.equal(flat(g2), f2) and torch.equal(flat(g3), f3)  # only the documented buffers are written
     with pytest.raises(ValueError, match="gam_fast_variant"):
-        F.fast_gam_combine(g0, g1, g2, g3, alpha=0.6, beta=0.3, gamma=0.4, eps=1e-12, variant="x")
+        GF.h_minus_(tensors(10), tensors(12), 0.3, "x")
 
 
 def test_hvp_matches_explicit_hessian():
@@ -69,7 +67,7 @@ def test_hvp_matches_explicit_hessian():
     loss = torch.nn.functional.cross_entropy(model(pixel_values=data.x).logits, data.y)
     g = torch.autograd.grad(loss, params, create_graph=True)
     v = tensors(7, [p.shape for p in params])
-    hv = F.hvp(g, params, v)
+    hv = GF.hvp(g, params, v)
     H = hessian(loss_of(model, batch), flat_params(model))
     torch.testing.assert_close(flat(hv), H @ flat(v), rtol=1e-10, atol=1e-12)
 
@@ -77,9 +75,9 @@ def test_hvp_matches_explicit_hessian():
 def test_weights_restored_bit_exact_on_exception():
     params = [torch.nn.Parameter(t) for t in tensors(8)]
     before = [p.detach().clone() for p in params]
-    with pytest.raises(KeyError), F.weights_restored(params):
-        F.add_(params, F.ascent_step(tensors(9), 0.1, 1e-12))
-        F.add_(params, F.ascent_step(tensors(9), -0.1, 1e-12))
+    with pytest.raises(KeyError), GF.weights_restored(params):
+        GF.add_(params, GF.ascent_step(tensors(9), 0.1, 1e-12))
+        GF.add_(params, GF.ascent_step(tensors(9), -0.1, 1e-12))
         raise KeyError("boom")
     assert all(torch.equal(a, b) for a, b in zip(before, params))
 
@@ -97,3 +95,17 @@ def test_gnp_direction_through_oracle_matches_explicit_hessian():
     expected = g + 0.5 * 0.2 * hessian(L, theta) @ g / (g.norm() + 1e-12)
     torch.testing.assert_close(flat(d), expected, rtol=1e-10, atol=1e-13)
     assert oracle.passes == 1 and stats["grad_norm"].item() == pytest.approx(g.norm().item())
+
+
+def test_functional_imports_nothing_of_the_package():
+    """functional.py is the pure math under everything: no import of hf_gam (no cycle through directions)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(GF))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("hf_gam"), ast.unparse(node)
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith("hf_gam") for a in node.names), ast.unparse(node)
+    assert not hasattr(GF, "gam_fast_direction") and not hasattr(GF, "__getattr__")

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from hf_gam.models import ModelArguments, ModelLoadError, load_model, model_summary, read_saved_labels
+from hf_gam.models import ModelArguments, ModelLoadError, load_model, model_summary
 
 NAMES = ["cat", "dog", "bird", "fish", "frog"]
 
@@ -63,7 +64,7 @@ def test_builtin_models_build_offline(name, size):
 def test_saved_model_round_trip_labels(tmp_path, tiny_timm_dir):
     loaded = load_model(ModelArguments(model=str(tiny_timm_dir)), NAMES)
     loaded.model.save_pretrained(tmp_path / "out")
-    assert read_saved_labels(str(tmp_path / "out")) == dict(enumerate(NAMES))
+    assert AutoConfig.from_pretrained(tmp_path / "out").id2label == dict(enumerate(NAMES))
 
 
 def test_unreadable_models_are_clear_errors(tmp_path):

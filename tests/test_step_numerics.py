@@ -1,4 +1,4 @@
-"""One optimizer step of every mode equals the float64 reference of ALGORITHMS.md (explicit Hessians)."""
+"""One optimizer step of every mode equals the float64 reference of docs/algorithms.md (explicit Hessians)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_accumulation_local_is_mean_of_micro_batch_directions(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["sam", "gam", "gam_fast"])
-def test_global_scope_with_accumulation_is_direction_of_union(tmp_path, mode):
+def test_global_perturbation_with_accumulation_is_direction_of_union(tmp_path, mode):
     trainer, theta0, theta1 = one_step(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2,
                                        gam_mode=mode, gam_perturbation="global", **HP)
     union = {k: torch.cat([b[k] for b in trainer.seen]) for k in trainer.seen[0]}

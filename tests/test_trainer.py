@@ -133,10 +133,8 @@ class FailingTrainer(GAMTrainer):
         return loss
 
 
-PASS_COUNTS = {"sam": 2, "gnp": 1, "gam": 2, "gam_sam": 3, "gam_fast": 4}
-
-
-@pytest.mark.parametrize("mode,fail_at", [(m, k) for m, n in PASS_COUNTS.items() for k in range(1, n + 1)])
+@pytest.mark.parametrize("mode,fail_at", [(m, k) for m, spec in MODES.items() if m != "none"
+                                          for k in range(1, spec.oracle_calls + 1)])
 def test_weights_and_bn_restored_after_failure(tmp_path, mode, fail_at):
     model = tiny_model(batchnorm=True)
     trainer = FailingTrainer(model=model, args=sgd_args(tmp_path, gam_mode=mode, **HP), train_dataset=tiny_data())

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
-from .. import functional as F
+from .. import functional as GF
 
 __all__ = ["LossFn", "Objective", "measured", "check_argument", "check_ascent_arguments", "normalized",
            "batch_size", "default_loss"]
@@ -45,7 +45,7 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
         logits = out[0] if logits is None else logits
     if labels is None:
         raise ValueError("batches need 'labels' when the model does not return a loss")
-    return TF.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return torch_F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:
@@ -71,7 +71,7 @@ def check_ascent_arguments(rho, num_steps, step_size) -> None:
 
 def normalized(v: list[Tensor]) -> tuple[list[Tensor], float]:
     """``(v / ‖v‖, ‖v‖)``; ``v`` itself when its norm is zero."""
-    norm = F.global_norm(v)
+    norm = GF.global_norm(v)
     return (torch._foreach_div(v, norm.to(v[0].dtype)) if norm > 0 else v), float(norm)
 
 
@@ -113,12 +113,12 @@ class Objective:
     def hvps(self, vs: list[list[Tensor]]) -> list[list[Tensor]]:
         """``[H v for v in vs]`` by :func:`hf_gam.functional.hvp`; one graph per batch serves every vector."""
         out = [[torch.zeros_like(p) for p in self.params] for _ in vs]
-        with F.second_order_context():
+        with GF.second_order_context():
             for i in range(len(self.batches)):
                 g = torch.autograd.grad(self._loss(i), self.params, create_graph=True, allow_unused=True,
                                         materialize_grads=True)
                 for n, v in enumerate(vs):
-                    torch._foreach_add_(out[n], F.hvp(g, self.params, v, retain_graph=n < len(vs) - 1))
+                    torch._foreach_add_(out[n], GF.hvp(g, self.params, v, retain_graph=n < len(vs) - 1))
                 del g
         return out
 
@@ -130,9 +130,9 @@ class Objective:
 
     def set_weights(self, *eps: tuple[float, list[Tensor]]) -> None:
         """Set the weights to ``θ + Σ a·d`` for ``(a, d)`` in ``eps``, from the saved ``θ`` (so no drift)."""
-        F.copy_(self.params, self.backup)
+        GF.copy_(self.params, self.backup)
         for a, d in eps:
-            F.add_(self.params, torch._foreach_mul(d, a))
+            GF.add_(self.params, torch._foreach_mul(d, a))
 
 
 @contextlib.contextmanager
@@ -146,7 +146,7 @@ def measured(model: nn.Module, batches, loss_fn, train_mode: bool, seed: int):
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index or 0 for p in obj.params if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), F.weights_restored(obj.params) as obj.backup:
+        with torch.random.fork_rng(devices=devices), GF.weights_restored(obj.params) as obj.backup:
             torch.default_generator.manual_seed(seed)  # dropout masks under train_mode; the forked state is dropped
             for i in devices:
                 torch.cuda.default_generators[i].manual_seed(seed)

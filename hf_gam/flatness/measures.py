@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
+from .. import functional as GF
 from . import defaults as D
 from ._objective import LossFn, Objective, check_argument, check_ascent_arguments, measured, normalized
 
@@ -58,7 +58,7 @@ def hessian_eigenvalues(model: nn.Module, batches, k: int = 1, *, method: str = 
 def _orthogonalize(v: list[Tensor], basis: list[list[Tensor]]) -> None:
     for _ in range(2):  # twice is enough (Kahan-Parlett)
         for q in basis:
-            torch._foreach_add_(v, torch._foreach_mul(q, F.dot(v, q).to(v[0].dtype)), alpha=-1.0)
+            torch._foreach_add_(v, torch._foreach_mul(q, GF.dot(v, q).to(v[0].dtype)), alpha=-1.0)
 
 
 def _lanczos(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Generator, n: int) -> list[float]:
@@ -67,7 +67,7 @@ def _lanczos(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Gener
     for j in range(min(max_iter, n)):
         basis.append(q)
         w = obj.hvps([q])[0]
-        alphas.append(float(F.dot(w, q)))
+        alphas.append(float(GF.dot(w, q)))
         _orthogonalize(w, basis)
         w, beta = normalized(w)
         off = torch.tensor(betas, dtype=torch.float64)
@@ -95,7 +95,7 @@ def _power(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Generat
             _orthogonalize(v, found)  # deflation by projection: power iteration on P H P
             v, _ = normalized(v)
             hv = obj.hvps([v])[0]
-            new = float(F.dot(hv, v))
+            new = float(GF.dot(hv, v))
             done = lam is not None and abs(new - lam) <= tol * abs(new)
             lam, v = new, hv
             if done:
@@ -121,7 +121,7 @@ def hessian_trace(model: nn.Module, batches, num_samples: int = D.NUM_SAMPLES, *
         samples: list[float] = []
         while len(samples) < num_samples:
             vs = [obj.randn(gen, distribution == "rademacher") for _ in range(min(chunk, num_samples - len(samples)))]
-            samples += [float(F.dot(hv, v)) for hv, v in zip(obj.hvps(vs), vs)]
+            samples += [float(GF.dot(hv, v)) for hv, v in zip(obj.hvps(vs), vs)]
     s = torch.tensor(samples, dtype=torch.float64)
     mean = float(s.mean())
     stderr = float(s.std() / math.sqrt(num_samples)) if num_samples > 1 else float("nan")
@@ -134,7 +134,7 @@ def _step(eps: list[Tensor] | None, d: list[Tensor], rho: float, step_size: floa
     if step_size is None or eps is None:
         return torch._foreach_mul(d, rho)
     new = torch._foreach_add(eps, d, alpha=step_size * rho)
-    norm = float(F.global_norm(new))
+    norm = float(GF.global_norm(new))
     return torch._foreach_mul(new, min(1.0, rho / norm)) if norm > 0 else new
 
 
@@ -142,12 +142,12 @@ def _zeroth(obj, rho, num_steps, step_size, gen) -> tuple[float, float]:
     """Projected ascent on ``L(θ+ε) - L(θ)`` from the gradient direction. Returns the best loss increase (R0
     estimate) and ``ρ·max‖g‖`` over the visited points (a lower bound of R1)."""
     l0, g = obj.loss_and_grad()
-    r0, r1, eps = 0.0, rho * float(F.global_norm(g)), None
+    r0, r1, eps = 0.0, rho * float(GF.global_norm(g)), None
     for _ in range(num_steps):
-        eps = _step(eps, g if F.global_norm(g) > 0 else obj.randn(gen), rho, step_size)
+        eps = _step(eps, g if GF.global_norm(g) > 0 else obj.randn(gen), rho, step_size)
         obj.set_weights((1.0, eps))
         loss, g = obj.loss_and_grad()
-        r0, r1 = max(r0, loss - l0), max(r1, rho * float(F.global_norm(g)))
+        r0, r1 = max(r0, loss - l0), max(r1, rho * float(GF.global_norm(g)))
     return r0, r1
 
 
@@ -186,14 +186,14 @@ def first_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: in
         obj.set_weights()
         gen.manual_seed(seed + 1)
         eps, (_, g) = None, obj.loss_and_grad()
-        best = max(best, rho * float(F.global_norm(g)))
+        best = max(best, rho * float(GF.global_norm(g)))
         for _ in range(num_steps):
             u, norm = normalized(g)
             d = obj.hvps([u])[0] if norm > 0 else obj.randn(gen)
-            if F.global_norm(d) == 0:  # e.g. a linear loss: ‖g‖ is flat, any direction is as good
+            if GF.global_norm(d) == 0:  # e.g. a linear loss: ‖g‖ is flat, any direction is as good
                 d = obj.randn(gen)
             eps = _step(eps, d, rho, step_size)
             obj.set_weights((1.0, eps))
             g = obj.loss_and_grad()[1]
-            best = max(best, rho * float(F.global_norm(g)))
+            best = max(best, rho * float(GF.global_norm(g)))
         return best

@@ -13,19 +13,19 @@ from test_step_numerics import HP, Recorder, sgd_args  # noqa: E402
 from reference import flat_params  # noqa: E402
 
 out_dir = sys.argv[1]
-cases = [c.split(":") for c in sys.argv[2].split(",")]  # mode:scope[:gam_every] (gam_every > 1: three steps)
+cases = [c.split(":") for c in sys.argv[2].split(",")]  # mode:perturbation[:gam_every] (gam_every > 1: three steps)
 rank = int(os.environ["RANK"])
 results = {}
-for mode, scope, *every in cases:
+for mode, perturbation, *every in cases:
     every = int(every[0]) if every else 1
     model = tiny_model()
     theta0 = flat_params(model)
-    args = sgd_args(os.path.join(out_dir, f"{mode}-{scope}-{every}"), per_device_train_batch_size=8, gam_mode=mode,
-                    gam_perturbation=scope, ddp_backend="gloo", gam_every=every, max_steps=1 if every == 1 else 3,
-                    **HP)
+    args = sgd_args(os.path.join(out_dir, f"{mode}-{perturbation}-{every}"), per_device_train_batch_size=8,
+                    gam_mode=mode, gam_perturbation=perturbation, ddp_backend="gloo", gam_every=every,
+                    max_steps=1 if every == 1 else 3, **HP)
     trainer = Recorder(model=model, args=args, train_dataset=tiny_data())
     trainer.train()
-    results[":".join([mode, scope] + ([str(every)] if every > 1 else []))] = {"theta0": theta0, "theta1": flat_params(trainer.model), "seen": trainer.seen,
+    results[":".join([mode, perturbation] + ([str(every)] if every > 1 else []))] = {"theta0": theta0, "theta1": flat_params(trainer.model), "seen": trainer.seen,
                                   "world": trainer.accelerator.num_processes}
 torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 dist.barrier()
