@@ -66,6 +66,12 @@ class _ClosureOracle(WindowOracle):
       ``loss.backward(create_graph=True)``.
     """
 
+    def __init__(self, mode: str, model: nn.Module, params: list[Tensor], closure: Callable[[], Tensor], *,
+                 reduce: bool, loss_scale: float | None, pass_context):
+        super().__init__(model, params, [None], lambda _: closure(), lambda _: 1, reduce=reduce,
+                         loss_scale=loss_scale, pass_context=pass_context)
+        self.mode = mode
+
     def _pass(self, batch, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         self.passes += 1
         for p in self.params:
@@ -255,10 +261,9 @@ class GAM(Optimizer):
         hyper = self.current_hyper()
         scale = self._loss_scale()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        oracle = _ClosureOracle(self.model if self.model is not None else nn.Module(), params, [None],
-                                lambda _: closure(), lambda _: 1, reduce=self.perturbation == "global",
-                                loss_scale=scale, pass_context=self._pass_context)
-        oracle.mode = hyper.mode
+        oracle = _ClosureOracle(hyper.mode, self.model if self.model is not None else nn.Module(), params, closure,
+                                reduce=self.perturbation == "global", loss_scale=scale,
+                                pass_context=self._pass_context)
         d, stats = run_passes(hyper, params, oracle)
         with torch.no_grad():
             for p, x in zip(params, d):

@@ -271,6 +271,38 @@ def test_grad_scaler_overflow_skips_the_step_with_weights_clean():
     torch.testing.assert_close(flat_params(model), flat_params(plain), rtol=1e-5, atol=1e-6)
 
 
+def test_grad_scaler_backward_style_equals_graph_style():
+    """The AMP idiom inside the closure, scaler.scale(loss).backward(), gives the step of the graph-style closure
+    (the wrapper scales that one itself)."""
+    data = tiny_data(dtype=torch.float32)
+    batch = batch_of(data)
+    thetas = []
+    for style in ("graph", "backward"):
+        model = tiny_model(dtype=torch.float32)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        opt = GAM(model.parameters(), torch.optim.SGD, lr=1.0, mode="sam", grad_scaler=scaler, rho=0.3)
+
+        def closure():
+            loss = graph_closure(model, batch)()
+            if style == "backward":
+                scaler.scale(loss).backward()
+            return loss
+
+        opt.step(closure)
+        thetas.append(flat_params(model))
+    assert torch.equal(thetas[0], thetas[1])
+
+
+def test_add_param_group_reaches_the_base():
+    model = tiny_model()
+    opt = GAM([model.fc1.weight, model.fc1.bias], torch.optim.SGD, lr=0.1, mode="sam")
+    opt.add_param_group({"params": [model.fc2.weight, model.fc2.bias], "lr": 0.01})
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    assert opt.base_optimizer.param_groups[1]["momentum"] == 0  # the base's defaults filled in
+    opt.step(graph_closure(model, batch_of(tiny_data())))
+    assert model.fc2.weight.grad is not None
+
+
 def test_bf16_autocast_around_the_closure():
     model, batch = tiny_model(dtype=torch.float32), batch_of(tiny_data(dtype=torch.float32))
     opt = GAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="gam_fast")
@@ -295,7 +327,7 @@ def torchrun(script, *args, nproc=2, timeout=600):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-DDP_CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")]
+DDP_CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")] + [("gam_fast", "backward")]
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +345,7 @@ def test_two_processes_equal_reference(ddp_optim_results, mode, scope):
     batches = [r0["batch"], r1["batch"]]
     model = tiny_model()
     kw = dict(rho=0.3, alpha=0.4, sam_rho=0.3, rho_prime=0.1, beta=0.3, gamma=0.5)
-    if scope == "local":
+    if scope in ("local", "backward"):  # backward: the closure calls loss.backward() (under DDP's no_sync)
         d_ref = sum(direction(mode, loss_of(model, b), r0["theta0"], **kw) for b in batches) / 2
     else:
         union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
