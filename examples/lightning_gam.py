@@ -8,6 +8,8 @@ Automatic optimization: Lightning builds a closure (``training_step`` + ``zero_g
 
 Clip with ``GAM(max_grad_norm=...)``, not ``Trainer(gradient_clip_val=...)`` (Lightning would clip each pass's
 gradient, not the final direction). fp16 ``precision="16-mixed"`` does not take closures; use ``"bf16-mixed"``.
+``accumulate_grad_batches`` > 1 is refused (Lightning runs the closure outside ``optimizer.step`` there). Tested on
+one CPU process; multi-device strategies are not covered by the tests.
 
     python examples/lightning_gam.py --mode gam_fast --epochs 5            # sklearn digits, a small MLP, CPU
     python examples/lightning_gam.py --mode gam --manual --precision bf16-mixed
@@ -70,6 +72,10 @@ class GAMModule(L.LightningModule):
         self.log_dict({"val_loss": F.cross_entropy(logits, y), "val_accuracy": (logits.argmax(-1) == y).float().mean()})
 
     def configure_optimizers(self):
+        if self.trainer.accumulate_grad_batches > 1:  # Lightning would call the closure outside optimizer.step
+            raise ValueError("accumulate_grad_batches > 1 does not work with GAM's closure (the wrapper replaces "
+                             "p.grad each pass); use a larger batch, or accumulate inside a manual-optimization "
+                             f"closure; got {self.trainer.accumulate_grad_batches}")
         opt = GAM(self.parameters(), torch.optim.SGD, mode=self.mode, model=self.model, lr=self.lr,
                   momentum=self.momentum, **self.gam)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.epochs))

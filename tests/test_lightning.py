@@ -53,6 +53,16 @@ def test_lightning_bf16_mixed_trains():
     assert torch.isfinite(theta1).all() and not torch.equal(theta0, theta1)
 
 
+def test_gradient_accumulation_is_refused():
+    module = GAMModule(tiny_model(), mode="sam")
+    trainer = L.Trainer(fast_dev_run=1, accelerator="cpu", accumulate_grad_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    data = tiny_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x, data.y), batch_size=8)
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer.fit(module, loader)
+
+
 @pytest.mark.slow
 def test_example_script_trains_digits(capsys):
     main(["--mode", "gam_fast", "--epochs", "1"])
