@@ -6,6 +6,12 @@ grad_beta_1 -> alpha, grad_gamma -> gamma, ProportionScheduler -> rho_schedule="
 
 from __future__ import annotations
 
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 from _tiny import tiny_data, tiny_model
@@ -83,3 +89,20 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x):
         return self.inner(x).logits
+
+
+def _snippets() -> dict[str, str]:
+    src = inspect.getsource(inspect.getmodule(_snippets))
+    return {m.group(1): textwrap.dedent(m.group(2)).strip()
+            for m in re.finditer(r"    # README: (.*?)\n(.*?)    # README end", src, re.S)}
+
+
+def test_readme_shows_the_tested_snippets():
+    """Once the README has its migration section, its "after" code is these functions' code, verbatim."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    if "## Coming from davda54/sam or the released GAM code" not in readme:
+        pytest.skip("README has no migration section yet")
+    snippets = _snippets()
+    assert set(snippets) == {"from davda54/sam (after)", "from the released GAM code (after)"}
+    for name, code in snippets.items():
+        assert code in readme, f"README's {name!r} snippet differs from tests/test_migration.py"
