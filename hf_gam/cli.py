@@ -66,8 +66,9 @@ class RunArguments:
     flatness_batches: int = field(default=4, metadata={"help": "Batches measured by flatness (train batch size)."})
     metrics: list[str] = field(default_factory=lambda: ["accuracy", "top_k_accuracy"], metadata={"help": (
         "Evaluation metrics, as `evaluate` modules: the shipped accuracy and top_k_accuracy (top-5; offline), "
-        "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts. Results "
-        "go to eval_results.json, all_results.json and the model card.")})
+        "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
+        "NAME:key=value,... passes arguments to compute (f1:average=macro, top_k_accuracy:k=3). Results go to "
+        "eval_results.json, all_results.json and the model card.")})
 
 
 @dataclass
@@ -195,17 +196,18 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
     from .trainer import GAMTrainer
 
     check_push(args)
-    from .metrics import compute_metrics_fn, load_metrics
+    from .metrics import check_metrics, compute_metrics_fn, load_metrics
 
-    compute_metrics = compute_metrics_fn(load_metrics(run_args.metrics))  # a bad name fails here, before any data
+    metric_modules = load_metrics(run_args.metrics)  # a bad name fails here, before any data
     with args.main_process_first(desc="loading the dataset"):
         data = load_image_data(data_args, seed=args.seed)
+    check_metrics(metric_modules, len(data.class_names))  # a metric unfit for this task fails before training
     loaded = load_model(model_args, data.class_names, default_image_size=data.image_size)
     augment = data_args.augment or data.default_augment
     policy = "cifar10" if data.name.startswith("cifar") else "imagenet"
     train_tf, eval_tf = build_transforms(loaded.processor, augment, autoaugment_policy=policy)
 
-    trainer = GAMTrainer(model=loaded.model, args=args, data_collator=collate, compute_metrics=compute_metrics,
+    trainer = GAMTrainer(model=loaded.model, args=args, data_collator=collate, compute_metrics=compute_metrics_fn(metric_modules),
                          train_dataset=with_transform(data.train, train_tf),
                          eval_dataset=with_transform(data.validation if data.validation is not None else data.eval,
                                                      eval_tf),

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hf_gam.cli import main
-from hf_gam.metrics import compute_metrics_fn, load_metrics, metric_path
+from hf_gam.metrics import compute_metrics_fn, load_metrics, metric_path, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,16 @@ def test_compute_metrics_matches_numpy():
     few = compute_metrics_fn(load_metrics(["top_k_accuracy"]))(SimpleNamespace(predictions=logits[:, :3],
                                                                               label_ids=labels % 3))
     assert few == {"top5_accuracy": 1.0}  # fewer classes than k: every label is in the top k
+    top3 = compute_metrics_fn(load_metrics(["top_k_accuracy:k=3"]))(SimpleNamespace(predictions=logits,
+                                                                                   label_ids=labels))
+    assert top3 == pytest.approx({"top3_accuracy": float((ranks < 3).mean())})
+
+
+def test_parse_spec():
+    assert parse_spec("f1:average=macro") == ("f1", {"average": "macro"})
+    assert parse_spec("top_k_accuracy:k=3,normalize=false") == ("top_k_accuracy", {"k": 3, "normalize": False})
+    assert parse_spec("C:\\metrics\\mine") == ("C:\\metrics\\mine", {})
+    assert parse_spec("/tmp/a:b/mine") == ("/tmp/a:b/mine", {})
 
 
 MACRO_RECALL = '''
@@ -82,9 +92,9 @@ def test_train_metrics_flag_reports_every_metric(tmp_path, capsys):
     (module / "macro_recall.py").write_text(MACRO_RECALL)
     out = tmp_path / "run"
     assert main(["train", "--max_steps", "2", "--output_dir", str(out), "--disable_tqdm", "true",
-                 "--metrics", "accuracy", "top_k_accuracy", str(module)]) == 0
+                 "--metrics", "accuracy", "top_k_accuracy", "top_k_accuracy:k=2", str(module)]) == 0
     evals = json.loads((out / "eval_results.json").read_text())
-    assert {"eval_accuracy", "eval_top5_accuracy", "eval_macro_recall"} <= set(evals)
+    assert {"eval_accuracy", "eval_top5_accuracy", "eval_top2_accuracy", "eval_macro_recall"} <= set(evals)
     assert 0 <= evals["eval_macro_recall"] <= 1
     assert json.loads((out / "all_results.json").read_text())["eval_macro_recall"] == evals["eval_macro_recall"]
     assert "test accuracy:" in capsys.readouterr().out
@@ -96,4 +106,23 @@ def test_unloadable_metric_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "'f1_nonexistent_xyz'" in err and "--metrics" in err and "offline" in err
     assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+BINARY_ONLY = MACRO_RECALL.replace("MacroRecall", "BinaryOnly").replace(
+    "        p, r = np.asarray(predictions), np.asarray(references)\n",
+    "        p, r = np.asarray(predictions), np.asarray(references)\n"
+    "        if len(np.unique(r)) > 2:\n"
+    "            raise ValueError(\"Target is multiclass but average='binary'\")\n")
+
+
+def test_metric_unfit_for_the_task_fails_before_training(tmp_path, capsys):
+    """Like the Hub's f1 without average= on 10 classes: caught on made-up predictions, before training."""
+    module = tmp_path / "binary_only"
+    module.mkdir()
+    (module / "binary_only.py").write_text(BINARY_ONLY)
+    out = tmp_path / "o"
+    assert main(["train", "--metrics", str(module), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "binary_only" in err and "10-class" in err and "multiclass" in err
     assert not out.exists()
