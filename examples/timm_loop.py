@@ -1,5 +1,6 @@
 """A timm-style training loop with :class:`hf_gam.optim.GAM`: ``timm.create_model``, timm's data config and
-transforms (``resolve_data_config`` / ``create_transform``), timm's cosine scheduler and label-smoothing loss, AMP.
+transforms (``resolve_data_config`` / ``create_transform``), timm's optimizer factory (``create_optimizer_v2``, wrapped
+as an instance), cosine scheduler and label-smoothing loss, AMP.
 
     python examples/timm_loop.py --model resnet18 --data_dir /path/to/imagefolder --mode gam_fast --amp bf16
     python examples/timm_loop.py                      # test_efficientnet on sklearn's digits, CPU, no download
@@ -20,6 +21,7 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from hf_gam.optim import GAM
@@ -90,15 +92,17 @@ def main(argv=None) -> dict:
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    opt = GAM(model.parameters(), torch.optim.SGD, mode=args.mode, rho=args.rho, every=args.every, model=model,
-              grad_scaler=scaler, max_grad_norm=args.max_grad_norm, rho_schedule="lr_proportional",
-              lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    # timm's optimizer factory (no weight decay on norms and biases: two param groups), wrapped as it is
+    base = create_optimizer_v2(model, "sgd", lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    opt = GAM(None, base, mode=args.mode, rho=args.rho, every=args.every, model=model, grad_scaler=scaler,
+              max_grad_norm=args.max_grad_norm, rho_schedule="lr_proportional")
     steps = args.max_steps or args.epochs * len(train)
-    sched = CosineLRScheduler(opt, t_initial=steps, warmup_t=min(100, steps // 10), warmup_lr_init=args.lr / 10)
+    sched = CosineLRScheduler(opt, t_initial=steps, warmup_t=min(100, steps // 10), warmup_lr_init=args.lr / 10,
+                              t_in_epochs=False)  # per optimizer step (step_update)
     loss_fn = LabelSmoothingCrossEntropy(args.smoothing)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    step, losses = 0, []
+    step, losses, lrs = 0, [], []
     model.train()
     while step < steps:
         for x, y in train:
@@ -108,6 +112,7 @@ def main(argv=None) -> dict:
                 with autocast():
                     return loss_fn(model(x), y)
 
+            lrs.append(opt.param_groups[0]["lr"])
             losses.append(float(opt.step(closure)))
             opt.zero_grad()
             step += 1
@@ -122,6 +127,7 @@ def main(argv=None) -> dict:
             correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
             total += len(y)
     result = {"steps": step, "first_loss": losses[0], "last_loss": losses[-1], "val_accuracy": correct / total,
+              "param_groups": len(opt.param_groups), "lrs": lrs,
               "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
     print(json.dumps(result))
     if args.output_json:

@@ -20,6 +20,9 @@ def test_timm_loop_trains_with_gam_bf16(tmp_path):
                    "--mode", "gam_fast", "--amp", "bf16", "--max_grad_norm", "5", "--output_json", str(out)])
     assert result == json.loads(out.read_text())
     assert result["steps"] == 3 and math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
+    assert result["param_groups"] == 2  # timm's factory: no weight decay on norms and biases
+    lrs = result["lrs"]  # timm's cosine scheduler (per step) drives the wrapper's groups, which are the base's
+    assert lrs[0] == 0.05 and lrs[0] > lrs[1] > lrs[2] > 0
     cfg = result["data_config"]  # test_efficientnet's pretrained_cfg (ImageNet statistics), size overridden
     assert cfg["input_size"] == [3, 32, 32] and cfg["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert cfg["interpolation"] == "bicubic"
