@@ -134,7 +134,7 @@ class GAM(Optimizer):
         **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...) when it is a class.
 
     **The closure** takes no argument and computes the loss of the current batch *at the current weights*; ``step``
-    calls it once per pass (1 to 4 times, the mode decides) while it moves the weights. It must:
+    calls it once per pass (1 to 5 times, the mode decides) while it moves the weights. It must:
 
     - run the full forward pass every time (no cached outputs or losses from an earlier call);
     - either **return the loss with its graph** and not call ``backward`` (works in every mode; required by
@@ -144,8 +144,7 @@ class GAM(Optimizer):
     - with ``grad_scaler``, return the *unscaled* loss (graph style), or call ``grad_scaler.scale(loss).backward()``
       (backward style). Autocast (bf16/fp16) goes inside the closure or around ``step``.
 
-    It must not step any optimizer, change the weights, or call ``backward`` on a loss it also returns for a
-    graph-style pass. ``step`` returns the clean loss (the first pass's). Gradients already in ``p.grad`` are ignored
+    It must not step any optimizer or change the weights. ``step`` returns the clean loss (the first pass's). Gradients already in ``p.grad`` are ignored
     and replaced; after ``step`` ``p.grad`` holds the direction the base optimizer used.
 
     A pass that raises leaves the weights bit-for-bit as they were (and BatchNorm statistics, with ``model=``), the
@@ -166,6 +165,8 @@ class GAM(Optimizer):
         for name in ("rho", "sam_rho", "rho_prime", "gamma", "eps", "alpha"):
             _check(name, getattr(self.hyper, name), lambda v: v >= 0, "a finite number >= 0")
         _check("beta", self.hyper.beta, lambda v: 0 <= v <= 1, "in [0, 1]")
+        if mode == "gam_fast":
+            _check("alpha", self.hyper.alpha, lambda v: 0 <= v <= 1, "in [0, 1] for gam_fast (paper Eq. 44)")
         _check("rho_min_ratio", rho_min_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
         if max_grad_norm is not None:
             _check("max_grad_norm", max_grad_norm, lambda v: v > 0, "a finite number > 0 (or None)")

@@ -156,7 +156,7 @@ def test_hvp_mode_with_plain_backward_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kw,field", [(dict(mode="adam"), "mode"), (dict(rho=-1.0), "rho"),
-                                      (dict(beta=2.0), "beta"), (dict(every=0), "every"),
+                                      (dict(beta=2.0), "beta"), (dict(mode="gam_fast", alpha=1.5), "alpha"), (dict(every=0), "every"),
                                       (dict(rho_schedule="cosine"), "rho_schedule"), (dict(variant="x"), "variant"),
                                       (dict(max_grad_norm=0.0), "max_grad_norm")])
 def test_bad_arguments_name_the_field(kw, field):
