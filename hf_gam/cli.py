@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-
 logger = logging.getLogger("hf_gam.cli")
 
 USAGE = """usage: hf-gam <command> [options]
@@ -66,6 +64,11 @@ class RunArguments:
         "R0, landscapes; --flatness_* settings) on the first training batches (eval transforms) and write it to "
         "OUTPUT_DIR/flatness.")})
     flatness_batches: int = field(default=4, metadata={"help": "Batches measured by flatness (train batch size)."})
+    metrics: list[str] = field(default_factory=lambda: ["accuracy", "top_k_accuracy"], metadata={"help": (
+        "Evaluation metrics, as `evaluate` modules: the shipped accuracy and top_k_accuracy (top-5; offline), "
+        "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
+        "NAME:key=value,... passes arguments to compute (f1:average=macro, top_k_accuracy:k=3). Results go to "
+        "eval_results.json, all_results.json and the model card.")})
 
 
 @dataclass
@@ -177,17 +180,6 @@ def check_push(args) -> None:
         raise UsageError(f"push_to_hub: the Hub did not accept the token ({type(err).__name__}: {err})") from err
 
 
-def accuracy_metrics(eval_pred) -> dict[str, float]:
-    """Top-1 and top-5 accuracy from logits, computed locally (``evaluate.load`` needs the network)."""
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    labels = np.asarray(labels).reshape(-1)
-    k = min(5, logits.shape[-1])
-    topk = np.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
-    return {"accuracy": float((logits.argmax(-1) == labels).mean()),
-            "top5_accuracy": float((topk == labels[:, None]).any(-1).mean())}
-
-
 def _eval_batches(ds, transform, n: int, batch_size: int) -> list[dict]:
     from torch.utils.data import DataLoader
 
@@ -204,14 +196,18 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
     from .trainer import GAMTrainer
 
     check_push(args)
+    from .metrics import check_metrics, compute_metrics_fn, load_metrics
+
+    metric_modules = load_metrics(run_args.metrics)  # a bad name fails here, before any data
     with args.main_process_first(desc="loading the dataset"):
         data = load_image_data(data_args, seed=args.seed)
+    check_metrics(metric_modules, len(data.class_names))  # a metric unfit for this task fails before training
     loaded = load_model(model_args, data.class_names, default_image_size=data.image_size)
     augment = data_args.augment or data.default_augment
     policy = "cifar10" if data.name.startswith("cifar") else "imagenet"
     train_tf, eval_tf = build_transforms(loaded.processor, augment, autoaugment_policy=policy)
 
-    trainer = GAMTrainer(model=loaded.model, args=args, data_collator=collate, compute_metrics=accuracy_metrics,
+    trainer = GAMTrainer(model=loaded.model, args=args, data_collator=collate, compute_metrics=compute_metrics_fn(metric_modules),
                          train_dataset=with_transform(data.train, train_tf),
                          eval_dataset=with_transform(data.validation if data.validation is not None else data.eval,
                                                      eval_tf),
@@ -256,20 +252,23 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
     else:
         trainer.create_model_card(**card)
     if trainer.is_world_process_zero():
-        acc, top5 = test.get("eval_accuracy"), test.get("eval_top5_accuracy")
-        print(f"test accuracy: {acc:.4f} (top-5 {top5:.4f}) on {len(data.eval)} images of {data.name}; "
+        shown = ", ".join(f"{k.removeprefix('eval_').replace('_', ' ')}: {v:.4f}" for k, v in test.items()
+                          if isinstance(v, float) and k.removeprefix("eval_") not in
+                          ("loss", "runtime", "samples_per_second", "steps_per_second", "epoch"))
+        print(f"test {shown} on {len(data.eval)} images of {data.name}; "
               f"{time.perf_counter() - started:.0f} s; written to {args.output_dir}", flush=True)
     return metrics
 
 
 def train_main(argv: list[str]) -> int:
     from .data import DataError
+    from .metrics import MetricLoadError
     from .models import ModelLoadError
 
     try:
         model_args, data_args, run_args, args = parse_train_args(argv)
         train(model_args, data_args, run_args, args)
-    except (UsageError, DataError, ModelLoadError) as err:
+    except (UsageError, DataError, ModelLoadError, MetricLoadError) as err:
         print(f"hf-gam: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -73,7 +73,7 @@ class GAMHyper:
     def __post_init__(self):
         spec = MODES.get(self.mode)
         if spec is None:
-            raise ValueError(f"GAMHyper.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         for name, value in spec.defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

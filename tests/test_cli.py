@@ -204,6 +204,7 @@ def test_wheel_ships_the_card_template(tmp_path):
     wheel = next(tmp_path.glob("hf_gam-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_gam/model_cards/gam_model_card.md" in names and "hf_gam/cli.py" in names
+    assert {"hf_gam/metrics/accuracy/accuracy.py", "hf_gam/metrics/top_k_accuracy/top_k_accuracy.py"} <= set(names)
 
 
 def test_defaults_are_sensible():
