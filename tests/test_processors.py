@@ -215,3 +215,19 @@ def test_train_evaluates_exactly_what_auto_image_processor_produces(tmp_path, ti
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor(test["label"])).item()
     assert abs(expected - np.log(196)) > 0.05  # the check below can tell inputs apart
     assert reported == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vit", "timm:test_resnet"])
+def test_builtin_models_save_the_processor_they_were_evaluated_with(name, tmp_path):
+    """The download-free models come with a real processor (ViTImageProcessor; timm's from ``pretrained_cfg``) that
+    ``save_pretrained`` writes and ``AutoImageProcessor`` reads back: a saved run evaluates the same inputs."""
+    from hf_gam.models import ModelArguments, load_model
+
+    loaded = load_model(ModelArguments(model=name, image_size=32), ["a", "b"])
+    loaded.model.save_pretrained(tmp_path)
+    loaded.processor.save_pretrained(tmp_path)  # what Trainer.save_model does (timm: kept in config.json)
+    images = real_images()
+    before = build_transforms(loaded.processor, "none")[1](images)
+    after = build_transforms(_auto_processor(tmp_path), "none")[1](images)
+    assert before.shape == (len(images), 3, 32, 32)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
