@@ -58,9 +58,10 @@ def unify_labels(splits: dict[str, Dataset], column: str, shown: str) -> tuple[d
     if "str" in kinds.values() and set(kinds.values()) != {"str"}:
         text = next(s for s, k in kinds.items() if k == "str")
         other = next(s for s, k in kinds.items() if k != "str")
+        first = {s: splits[s].data.column("label")[0].as_py() if len(splits[s]) else None for s in (text, other)}
         raise DataError(f"label_column: column {column!r} of {shown!r} holds strings in split {text!r} (e.g. "
-                        f"{splits[text][0]['label']!r}) but class ids in split {other!r} (e.g. "
-                        f"{splits[other][0]['label']!r}); use one kind of label in every split")
+                        f"{first[text]!r}) but class ids in split {other!r} (e.g. {first[other]!r}); use one kind "
+                        "of label in every split")
     out = dict(splits)
     if set(kinds.values()) == {"str"}:
         names = sorted({v for ds in splits.values() for v in ds.unique("label")})
