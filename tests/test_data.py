@@ -276,3 +276,29 @@ def test_label_errors_on_the_command_line_are_one_line_exit_2(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("hf-gam")]  # datasets' progress bars aside
     assert len(lines) == 1 and lines[0].startswith("hf-gam: error: label_column:") and "None" in lines[0]
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hub_copies):
+    """The Hub-id path, offline: the dataset card (README with the 9-split `configs:` block of tanganke/stanford_cars)
+    names each split's files, and `load_dataset` is asked for train and test only, each alone."""
+    import huggingface_hub
+    from conftest import write_readme
+    from datasets import load_dataset
+
+    import hf_gam.data as data_module
+
+    write_readme(tmp_path, ["train", "test", *CARS_CORRUPTIONS])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, **kw: str(tmp_path / filename))
+    assert list(split_files("tanganke/stanford_cars")) == ["train", "test", *CARS_CORRUPTIONS]
+    calls = []
+
+    def fake_load(path, **kwargs):  # serve the local copy's split in place of the Hub's
+        calls.append((path, kwargs))
+        return load_dataset(str(hub_copies["cars"]), **kwargs)
+
+    monkeypatch.setattr(data_module, "load_dataset", fake_load)
+    data = load_image_data(DataArguments(dataset="cars"))
+    assert (len(data.train), len(data.eval), data.hub_id) == (8, 4, "tanganke/stanford_cars")
+    assert calls == [("tanganke/stanford_cars", {"data_files": {"train": ["data/train-*"]}, "split": "train"}),
+                     ("tanganke/stanford_cars", {"data_files": {"test": ["data/test-*"]}, "split": "test"})]
