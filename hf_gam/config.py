@@ -58,8 +58,10 @@ class GAMConfig(TrainingArguments):
             `gam_rho_min_ratio` times its value (at learning rate 0) and its value (at the peak `learning_rate`), as
             the released code's proportional scheduler does.
         gam_rho_min_ratio (`float`, *optional*, defaults to `0.5`):
-            Lower end of `lr_proportional` as a fraction of each radius (the released code's CIFAR setting
-            ρ' 0.04 -> 0.02 is 0.5).
+            Lower end of `lr_proportional` as a fraction of each radius (e.g. 0.5 takes ρ' = 0.04 at the peak
+            learning rate to 0.02 at learning rate 0). The released `main_cifar.py` has that 0.04/0.02 range only
+            commented out: its `ProportionScheduler`s get equal max and min values, so it trains with constant radii
+            (`gam_rho_schedule="constant"`).
     """
 
     gam_mode: GamMode = field(

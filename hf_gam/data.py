@@ -1,30 +1,32 @@
 """Image-classification datasets for ``hf-gam``: the registry of the paper's datasets, loading (Hub id, local copy in
 the Hub's layout, ``imagefolder``, the embedded sklearn digits), column normalization (every split has exactly
-``image`` and ``label``, a ``ClassLabel`` with the class names), validation carving, label noise (paper App. C.2)
-and the transforms (geometry from the model's image processor; torchvision augmentations)."""
+``image`` and ``label``, a ``ClassLabel`` with the class names), validation carving, label noise (paper App. C.2).
+The transforms live in :mod:`hf_gam.transforms`, the label rules in :mod:`hf_gam.labels`; both are re-exported here.
+Only the splits a run uses are read: their files come from the repo's README ``configs:`` block or the Hub's file
+naming, and each split is read alone with its own features."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from .errors import DataError
+from .labels import label_values as _label_values
+from .labels import unify_labels
+from .transforms import AUGMENTS, Augment, build_transforms, collate, with_transform  # noqa: F401 - public here too
+
 logger = logging.getLogger(__name__)
 
-Augment = Literal["none", "basic", "cutout", "randaugment", "autoaugment"]
-AUGMENTS: tuple[str, ...] = get_args(Augment)
-
-
-class DataError(ValueError):
-    """A dataset argument or a dataset's content that cannot be used (a user error, reported without traceback)."""
+__all__ = ["AUGMENTS", "DATASETS", "DataArguments", "DataError", "DatasetSpec", "ImageData", "apply_label_noise",
+           "build_transforms", "collate", "load_digits_dataset", "load_image_data", "split_files",
+           "symmetric_label_noise", "with_transform"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ class DataArguments:
         f"Dataset: a registered name ({', '.join(DATASETS)}), any Hub dataset id (owner/name), a local dataset "
         "directory, or 'imagefolder' (with --dataset_path). 'digits' is sklearn's 8x8 digits, embedded.")})
     dataset_path: str | None = field(default=None, metadata={"help": (
-        "Local copy of a registered dataset laid out like its Hub repo (parquet files under data/), loaded with the "
-        "same code path as the Hub; for 'imagefolder', the folder of class subfolders.")})
+        "Local copy of a registered dataset: a snapshot of its Hub repo (the README with its configs: block and the "
+        "data files it names), loaded with the same code path as the Hub; for 'imagefolder', the folder of class "
+        "subfolders.")})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name, if any."})
     image_column: str | None = field(default=None, metadata={"help": (
         "Image column; default: the registry's, else the only Image feature, else 'image'.")})
@@ -119,31 +122,97 @@ def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     return DatasetDict({"train": build(tr), "test": build(te)})
 
 
-def _load_raw(args: DataArguments) -> tuple[DatasetDict, DatasetSpec | None, str | None]:
+@dataclass
+class _Source:
+    """A dataset whose splits are known by name and read on demand (only the splits a run uses are read)."""
+
+    shown: str
+    splits: list[str]
+    read: Callable[[list[str]], dict[str, Dataset]]
+    spec: DatasetSpec | None = None
+    hub_id: str | None = None
+
+
+def _open_source(args: DataArguments) -> _Source:
     name = args.dataset
     spec = DATASETS.get(name)
     if name == "digits":
         if args.dataset_path:
             raise DataError("dataset_path: 'digits' is embedded and takes no --dataset_path")
-        return load_digits_dataset(), spec, None
+        dsd = load_digits_dataset()
+        return _Source("digits", list(dsd), lambda splits: {s: dsd[s] for s in splits}, spec)
     if name == "imagefolder":
         if not args.dataset_path or not os.path.isdir(args.dataset_path):
             raise DataError(f"dataset_path: 'imagefolder' needs an existing folder; got {args.dataset_path!r}")
-        return _call_load("imagefolder", args.dataset_path, data_dir=args.dataset_path), None, None
+        dsd = _load_all("imagefolder", args.dataset_path, data_dir=args.dataset_path)
+        return _Source(args.dataset_path, list(dsd), lambda splits: {s: dsd[s] for s in splits})
     if spec is not None:
-        source = args.dataset_path or spec.hub_id
         if args.dataset_path and not os.path.isdir(args.dataset_path):
             raise DataError(f"dataset_path: {args.dataset_path!r} is not a directory")
-        return _call_load(source, source, name=args.dataset_config), spec, spec.hub_id
+        return _repo_source(args.dataset_path or spec.hub_id, args.dataset_config, spec, spec.hub_id)
     if os.path.isdir(name):
-        return _call_load(name, name, name=args.dataset_config), None, None
+        return _repo_source(name, args.dataset_config, None, None)
     if name.count("/") == 1 and not name.startswith(("/", ".")) and all(name.split("/")):
-        return _call_load(name, name, name=args.dataset_config), None, name
+        return _repo_source(name, args.dataset_config, None, name)
     raise DataError(f"dataset: unknown dataset {name!r}; known names: {', '.join(DATASETS)}, 'imagefolder' "
                     "(with --dataset_path), a Hub id (owner/name) or a local dataset directory")
 
 
-def _call_load(path: str, shown: str, **kwargs) -> DatasetDict:
+def split_files(path: str, config: str | None = None) -> dict[str, list[str]] | None:
+    """Each split's data-file patterns of a dataset repo (a local snapshot or a Hub id), relative to the repo: from
+    the ``configs:`` block of its README (``config``, else the default one), else from the Hub's standard naming
+    (``data/<split>-*``, ...). ``None`` when they cannot be told (then the whole dataset is loaded)."""
+    from huggingface_hub import DatasetCard
+    from datasets.data_files import get_data_patterns
+    from datasets.utils.metadata import MetadataConfigs
+
+    local = os.path.isdir(path)
+    try:
+        readme = os.path.join(path, "README.md") if local else None
+        if readme is None:
+            from huggingface_hub import hf_hub_download
+
+            readme = hf_hub_download(path, "README.md", repo_type="dataset")
+        configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data) \
+            if os.path.isfile(readme) else {}
+    except Exception:  # noqa: BLE001 - no readable card: fall back to the file naming
+        configs = {}
+    if configs:
+        chosen = config or configs.get_default_config_name() or (next(iter(configs)) if len(configs) == 1 else None)
+        files = configs.get(chosen, {}).get("data_files")
+        if isinstance(files, str):
+            files = [{"split": "train", "path": files}]
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "split" in f for f in files):
+            return None
+        return {f["split"]: [f["path"]] if isinstance(f["path"], str) else list(f["path"]) for f in files}
+    if config is not None:
+        return None
+    try:
+        return get_data_patterns(path if local else f"hf://datasets/{path}")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _repo_source(path: str, config: str | None, spec: DatasetSpec | None, hub_id: str | None) -> _Source:
+    patterns = split_files(path, config)
+    if patterns is None:  # unknown layout: let datasets read it all
+        dsd = _load_all(path, path, name=config)
+        return _Source(path, list(dsd), lambda splits: {s: dsd[s] for s in splits}, spec, hub_id)
+
+    def read(splits: list[str]) -> dict[str, Dataset]:  # each split alone, with its own features
+        return {s: _load_split(path, s, patterns[s]) for s in splits}
+
+    return _Source(path, list(patterns), read, spec, hub_id)
+
+
+def _load_split(path: str, split: str, files: list[str]) -> Dataset:
+    try:
+        return load_dataset(path, data_files={split: files}, split=split)
+    except Exception as err:  # noqa: BLE001 - every loader failure is reported as a user error
+        raise DataError(f"dataset: could not load split {split!r} of {path!r}: {type(err).__name__}: {err}") from err
+
+
+def _load_all(path: str, shown: str, **kwargs) -> DatasetDict:
     try:
         loaded = load_dataset(path, **{k: v for k, v in kwargs.items() if v is not None})
     except Exception as err:  # noqa: BLE001 - every loader failure is reported as a user error
@@ -159,15 +228,10 @@ def _pick_column(ds: Dataset, given: str | None, feature_type: type, fallback: s
     return given or (typed[0] if len(typed) == 1 else fallback)
 
 
-def _label_values(ds: Dataset) -> np.ndarray:
-    return np.asarray(ds.with_format(None)["label"])
-
-
-def _normalize(raw: DatasetDict, splits: list[str], image_col: str, label_col: str, shown: str) -> DatasetDict:
-    """Keep ``image`` and ``label`` only, with a shared ``ClassLabel``; check columns and label range."""
+def _normalize(raw: dict[str, Dataset], image_col: str, label_col: str, shown: str) -> tuple[dict, list[str]]:
+    """Keep ``image`` and ``label`` only, with one ``ClassLabel`` (:func:`hf_gam.labels.unify_labels`)."""
     out = {}
-    for split in splits:
-        ds = raw[split]
+    for split, ds in raw.items():
         for col, flag in ((image_col, "image_column"), (label_col, "label_column")):
             if col not in ds.column_names:
                 raise DataError(f"{flag}: split {split!r} of {shown!r} has no column {col!r}; columns found: "
@@ -181,23 +245,7 @@ def _normalize(raw: DatasetDict, splits: list[str], image_col: str, label_col: s
                 raise DataError(f"image_column: column {image_col!r} of {shown!r} does not hold images "
                                 f"({ds.features['image']})") from err
         out[split] = ds
-    first = out[splits[0]].features["label"]
-    if isinstance(first, ClassLabel):
-        names = list(first.names)
-    else:  # plain values: integers 0..max, or strings (sorted)
-        values = sorted({v for ds in out.values() for v in _label_values(ds).tolist()})
-        numeric = all(isinstance(v, (int, np.integer)) for v in values)
-        names = [str(i) for i in range(int(values[-1]) + 1)] if numeric and values else [str(v) for v in values]
-        out = {split: ds.cast_column("label", ClassLabel(names=names)) for split, ds in out.items()}
-    for split, ds in out.items():
-        labels = _label_values(ds)
-        bad = labels[(labels < 0) | (labels >= len(names))]
-        if bad.size:
-            raise DataError(f"label_column: split {split!r} of {shown!r} has labels outside the class range "
-                            f"[0, {len(names) - 1}] (e.g. {int(bad[0])}; {bad.size} such rows)")
-        if not isinstance(ds.features["label"], ClassLabel) or list(ds.features["label"].names) != names:
-            out[split] = ds.cast_column("label", ClassLabel(names=names))
-    return DatasetDict(out)
+    return unify_labels(out, label_col, shown)
 
 
 def symmetric_label_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> tuple[np.ndarray, int]:
@@ -229,25 +277,26 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         raise DataError(f"validation_split must be in [0, 1); got {args.validation_split!r}")
     if not 0.0 <= args.label_noise <= 1.0:
         raise DataError(f"label_noise must be in [0, 1]; got {args.label_noise!r}")
-    raw, spec, hub_id = _load_raw(args)
-    shown = args.dataset_path or args.dataset
+    source = _open_source(args)
+    spec, shown = source.spec, args.dataset_path or args.dataset
     image_col = args.image_column or (spec.image_column if spec else None)
     label_col = args.label_column or (spec.label_column if spec else None)
     if spec and spec.coarse_label_column and args.cifar100_labels == "coarse" and not args.label_column:
         label_col = spec.coarse_label_column
-    if args.train_split not in raw:
-        raise DataError(f"train_split: {shown!r} has no split {args.train_split!r}; splits found: {', '.join(raw)}")
+    found = ", ".join(source.splits)
+    if args.train_split not in source.splits:
+        raise DataError(f"train_split: {shown!r} has no split {args.train_split!r}; splits found: {found}")
     eval_split = args.eval_split or (spec.eval_split if spec else None)
     if eval_split is None:
-        eval_split = next((s for s in ("test", "validation", "valid", "val") if s in raw), None)
-    if eval_split is None or eval_split not in raw:
-        raise DataError(f"eval_split: {shown!r} has no split {eval_split!r}; splits found: {', '.join(raw)}")
+        eval_split = next((s for s in ("test", "validation", "valid", "val") if s in source.splits), None)
+    if eval_split is None or eval_split not in source.splits:
+        raise DataError(f"eval_split: {shown!r} has no split {eval_split!r}; splits found: {found}")
+    raw = source.read(list(dict.fromkeys([args.train_split, eval_split])))
     sample = raw[args.train_split]
     image_col = _pick_column(sample, image_col, Image, "image")
     label_col = _pick_column(sample, label_col, ClassLabel, "label")
-    dsd = _normalize(raw, [args.train_split, eval_split], image_col, label_col, shown)
+    dsd, names = _normalize(raw, image_col, label_col, shown)
     train, test = dsd[args.train_split], dsd[eval_split]
-    names = list(train.features["label"].names)
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
@@ -264,94 +313,6 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         train, flipped = apply_label_noise(train, args.label_noise, len(names), noise_seed)
         noise = {"rate": args.label_noise, "flipped": flipped, "total": len(train), "seed": noise_seed}
         logger.warning("label noise: flipped %(flipped)d of %(total)d training labels (rate %(rate)s)", noise)
-    return ImageData(train=train, eval=test, class_names=names, name=args.dataset, hub_id=hub_id,
+    return ImageData(train=train, eval=test, class_names=names, name=args.dataset, hub_id=source.hub_id,
                      eval_split=eval_split, validation=validation, image_size=spec.image_size if spec else 224,
                      default_augment=spec.default_augment if spec else "basic", noise=noise)
-
-
-# ----------------------------------------------------------------------------------------------- transforms
-def _interpolation(value: Any) -> InterpolationMode:
-    """torchvision's mode for a timm string, a PIL resample code (HF processors) or None (bilinear)."""
-    from PIL.Image import Resampling
-
-    if value is None or isinstance(value, InterpolationMode):
-        return value or InterpolationMode.BILINEAR
-    return InterpolationMode(value.lower()) if isinstance(value, str) else InterpolationMode[Resampling(value).name]
-
-
-def image_geometry(processor: Any) -> dict[str, Any]:
-    """``size`` (h, w) the model sees, ``resize`` (what to resize to before the center crop), ``mean``, ``std``,
-    ``interpolation``: read from an HF image processor or a timm wrapper's ``data_config``."""
-    cfg = getattr(processor, "data_config", None)
-    if cfg is not None:  # timm: resize by crop_pct, then center crop
-        h, w = cfg["input_size"][-2:]
-        crop_pct = cfg.get("crop_pct") or 1.0
-        return {"size": (h, w), "resize": (int(h / crop_pct), int(w / crop_pct)), "mean": tuple(cfg["mean"]),
-                "std": tuple(cfg["std"]), "interpolation": _interpolation(cfg.get("interpolation"))}
-    size = dict(getattr(processor, "size", None) or {"height": 224, "width": 224})
-    if size.get("height") and size.get("width"):
-        resize = (size["height"], size["width"])
-    elif size.get("shortest_edge"):
-        edge = size["shortest_edge"]
-        crop_pct = getattr(processor, "crop_pct", None)
-        resize = int(edge / crop_pct) if crop_pct else edge
-    else:
-        raise DataError(f"model: cannot read the input size from the image processor's size {size}")
-    final = resize if isinstance(resize, tuple) else (size.get("shortest_edge"),) * 2
-    crop = getattr(processor, "crop_size", None)
-    if getattr(processor, "do_center_crop", False) and crop:
-        crop = dict(crop)
-        final = (crop["height"], crop["width"])
-    mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    std = getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)
-    return {"size": tuple(final), "resize": resize, "mean": tuple(mean), "std": tuple(std),
-            "interpolation": _interpolation(getattr(processor, "resample", None))}
-
-
-def build_transforms(processor: Any, augment: str = "none", autoaugment_policy: str = "imagenet"):
-    """``(train_transform, eval_transform)``: PIL image -> normalized float tensor of the model's input size.
-
-    Eval: the timm wrapper's own ``val_transforms``, or resize (+ center crop) and normalize as the HF processor
-    does. Train: resize to the model's size, then the preset: ``basic`` = random crop with 1/8 padding (reflect) +
-    horizontal flip (the CIFAR recipe of the GAM/SAM papers, scaled to any size); ``cutout`` = basic + one erased
-    square of 1/4 of the side (torchvision ``RandomErasing``); ``randaugment`` / ``autoaugment`` = basic +
-    torchvision's ``RandAugment`` / ``AutoAugment`` (``autoaugment_policy``: imagenet, cifar10 or svhn).
-    """
-    if augment not in AUGMENTS:
-        raise DataError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
-    geo = image_geometry(processor)
-    to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(geo["mean"], geo["std"])]
-    if hasattr(processor, "val_transforms"):
-        eval_tf = processor.val_transforms
-    else:
-        eval_tf = T.Compose([T.Resize(geo["resize"], interpolation=geo["interpolation"], antialias=True),
-                             T.CenterCrop(geo["size"]), *to_tensor])
-    if augment == "none":
-        return eval_tf, eval_tf
-    h, w = geo["size"]
-    ops: list = [T.Resize((h, w), interpolation=geo["interpolation"], antialias=True),
-                 T.RandomCrop((h, w), padding=max(1, min(h, w) // 8), padding_mode="reflect"),
-                 T.RandomHorizontalFlip()]
-    if augment == "randaugment":
-        ops.append(T.RandAugment())
-    elif augment == "autoaugment":
-        ops.append(T.AutoAugment(T.AutoAugmentPolicy(autoaugment_policy)))
-    ops.extend(to_tensor)
-    if augment == "cutout":
-        ops.append(T.RandomErasing(p=1.0, scale=(1 / 16, 1 / 16), ratio=(1.0, 1.0), value=0))
-    return T.Compose(ops), eval_tf
-
-
-def with_transform(ds: Dataset, transform) -> Dataset:
-    """A view of ``ds`` whose rows are ``{"pixel_values": tensor, "labels": int}`` (images converted to RGB)."""
-
-    def apply(batch: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [transform(im.convert("RGB")) for im in batch["image"]], "labels": batch["label"]}
-
-    return ds.with_format(None).with_transform(apply)
-
-
-def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` and ``labels`` of :func:`with_transform` rows into a batch."""
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)}

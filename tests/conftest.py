@@ -48,11 +48,24 @@ def random_image(rng: np.random.Generator, i: int):
     return Image.fromarray(array[..., 0] if channels == 1 else array, mode=mode)
 
 
+def write_readme(out: Path, splits: list[str]) -> None:
+    """The dataset card of a Hub snapshot: YAML front matter whose ``configs:`` block maps each split to its files
+    (the layout the Hub's parquet conversion writes, e.g. tanganke/stanford_cars lists 9 splits this way)."""
+    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
+    for split in splits:
+        lines += [f"  - split: {split}", f"    path: data/{split}-*"]
+    (Path(out) / "README.md").write_text("\n".join(lines + ["---", "", "A tiny test copy.", ""]))
+
+
 def write_hub_copy(root: Path, name: str, n_train: int = 8, n_eval: int = 4, *, drop: str | None = None,
-                   labels: dict[str, list[int]] | None = None, seed: int = 0) -> Path:
-    """Write a tiny copy of registered dataset ``name`` under ``root`` in its Hub layout and return the directory.
+                   labels: dict[str, list] | None = None, label_features: dict | None = None,
+                   extra_splits: dict[str, bytes] | None = None, seed: int = 0) -> Path:
+    """Write a tiny copy of registered dataset ``name`` under ``root`` in its Hub layout (README with its
+    ``configs:`` block, ``data/<split>-00000-of-00001.parquet``) and return the directory.
     ``drop``: a column to leave out (to test errors); ``labels``: per-split label lists, cast to the ClassLabel
-    without its range check (to inject out-of-range labels, as a corrupted copy would hold)."""
+    without its range check (to inject out-of-range labels, as a corrupted copy would hold), unless
+    ``label_features`` gives a split's label feature (``Value("string")``, ``Value("int64")``, a ClassLabel with
+    other names...); ``extra_splits``: more splits listed in the README, whose file holds the given bytes."""
     from datasets import ClassLabel, Dataset, Features, Image, Value
 
     spec = HUB_LAYOUTS[name]
@@ -63,7 +76,8 @@ def write_hub_copy(root: Path, name: str, n_train: int = 8, n_eval: int = 4, *, 
     for split, n in (("train", n_train), (spec["eval"], n_eval)):
         label_values = (labels or {}).get(split, [i % min(n_classes, 5) for i in range(n)])
         columns = {spec["image"]: [random_image(rng, i) for i in range(n)], spec["label"]: label_values}
-        label_feature = Value("int64") if labels else ClassLabel(names=spec["names"])
+        label_feature = (label_features or {}).get(split) or (Value("int64") if labels else
+                                                              ClassLabel(names=spec["names"]))
         features = {spec["image"]: Image(), spec["label"]: label_feature}
         if "coarse" in spec:
             col, coarse_names = spec["coarse"]
@@ -78,9 +92,12 @@ def write_hub_copy(root: Path, name: str, n_train: int = 8, n_eval: int = 4, *, 
             columns.pop(drop)
             features.pop(drop)
         ds = Dataset.from_dict(columns, features=Features(features))
-        if labels and spec["label"] in ds.column_names:
+        if labels and spec["label"] in ds.column_names and split not in (label_features or {}):
             ds = ds.cast_column(spec["label"], ClassLabel(names=spec["names"]))
         ds.to_parquet(str(out / "data" / f"{split}-00000-of-00001.parquet"))
+    for split, content in (extra_splits or {}).items():
+        (out / "data" / f"{split}-00000-of-00001.parquet").write_bytes(content)
+    write_readme(out, ["train", spec["eval"], *(extra_splits or {})])
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import HUB_LAYOUTS, random_image, write_hub_copy
 
 from hf_gam.data import (AUGMENTS, DATASETS, DataArguments, DataError, apply_label_noise, build_transforms, collate,
-                         load_digits_dataset, load_image_data, with_transform)
+                         load_digits_dataset, load_image_data, split_files, with_transform)
 
 
 def test_registry_knows_the_papers_datasets():
@@ -152,3 +152,153 @@ def test_bad_paths_and_splits(tmp_path, hub_copies):
                                       eval_split="nope"))
     with pytest.raises(DataError, match="validation_split"):
         load_image_data(DataArguments(validation_split=1.0))
+
+
+# ------------------------------------------------------------------------------- only the splits used are read
+CARS_CORRUPTIONS = ["contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate",
+                    "spatter"]  # tanganke/stanford_cars' 7 extra splits (dataset card `configs:` block)
+
+
+def test_extra_splits_are_never_read(tmp_path):
+    from datasets import load_dataset
+
+    path = write_hub_copy(tmp_path, "cars", extra_splits={s: b"not a parquet file" for s in CARS_CORRUPTIONS})
+    with pytest.raises(Exception):  # noqa: B017 - what reading every split (datasets' default) does with them
+        load_dataset(str(path))
+    data = load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+    assert (len(data.train), len(data.eval), data.eval_split) == (8, 4, "test")
+    with pytest.raises(DataError, match="could not load split 'contrast'"):
+        load_image_data(DataArguments(dataset="cars", dataset_path=str(path), eval_split="contrast"))
+
+
+def test_split_files_from_the_card_then_from_the_file_naming(tmp_path):
+    path = write_hub_copy(tmp_path, "cars", extra_splits={"contrast": b"x"})
+    assert split_files(str(path)) == {"train": ["data/train-*"], "test": ["data/test-*"],
+                                      "contrast": ["data/contrast-*"]}
+    (path / "README.md").unlink()  # no card: the Hub's data/<split>-xxxxx-of-xxxxx naming
+    assert set(split_files(str(path))) == {"train", "test", "contrast"}
+    assert len(load_image_data(DataArguments(dataset=str(path))).train) == 8
+
+
+# ----------------------------------------------------------------------------------------------------- labels
+def _eval_names(data) -> list[str]:
+    return [data.class_names[i] for i in data.eval["label"]]
+
+
+def test_eval_classlabel_in_another_order_is_remapped_by_name(tmp_path):
+    from datasets import ClassLabel
+
+    reordered = list(reversed(HUB_LAYOUTS["cifar10"]["names"]))
+    path = write_hub_copy(tmp_path, "cifar10", labels={"test": [0, 1, 2, 3]},
+                          label_features={"test": ClassLabel(names=reordered)})
+    data = load_image_data(DataArguments(dataset="cifar10", dataset_path=str(path)))
+    assert data.class_names == HUB_LAYOUTS["cifar10"]["names"]
+    assert _eval_names(data) == reordered[:4]  # by id it would read airplane, automobile, bird, cat
+    assert data.eval["label"] == [9, 8, 7, 6]
+
+
+def test_eval_classlabel_with_other_names_is_an_error(tmp_path):
+    from datasets import ClassLabel
+
+    other = HUB_LAYOUTS["cifar10"]["names"][:-1] + ["zebra"]
+    path = write_hub_copy(tmp_path, "cifar10", labels={"test": [0, 1]}, n_eval=2,
+                          label_features={"test": ClassLabel(names=other)})
+    with pytest.raises(DataError, match=r"classes of column 'label' differ.*'truck'.*'zebra'|'zebra'"):
+        load_image_data(DataArguments(dataset="cifar10", dataset_path=str(path)))
+
+
+def test_plain_string_labels_through_the_loading_path(tmp_path):
+    from datasets import Value
+
+    strings = {"train": ["pear", "apple", "fig", "apple"], "test": ["fig", "pear"]}
+    path = write_hub_copy(tmp_path, "cars", n_train=4, n_eval=2, labels=strings,
+                          label_features={"train": Value("string"), "test": Value("string")})
+    data = load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+    assert data.class_names == ["apple", "fig", "pear"]
+    assert [data.class_names[i] for i in data.train["label"]] == strings["train"]
+    assert _eval_names(data) == strings["test"]
+
+
+def test_plain_integer_labels_through_the_loading_path(tmp_path, recwarn):
+    from datasets import Value
+
+    ints = {"train": [0, 2, 1, 2], "test": [1, 0]}
+    path = write_hub_copy(tmp_path, "cars", n_train=4, n_eval=2, labels=ints,
+                          label_features={"train": Value("int64"), "test": Value("int32")})
+    data = load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+    assert data.class_names == ["0", "1", "2"] and data.train["label"] == ints["train"]
+    assert data.eval["label"] == ints["test"]
+    assert not [w for w in recwarn if "no 0" in str(w.message)]
+
+
+def test_integer_labels_numbered_from_one_warn(tmp_path):
+    from datasets import Value
+
+    path = write_hub_copy(tmp_path, "cars", n_train=4, n_eval=2, labels={"train": [1, 2, 3, 1], "test": [2, 3]},
+                          label_features={"train": Value("int64"), "test": Value("int64")})
+    with pytest.warns(UserWarning, match=r"start at 1 \(no 0\)"):
+        data = load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+    assert data.class_names == ["0", "1", "2", "3"]
+
+
+def test_string_train_with_classlabel_eval_is_an_error(tmp_path):
+    from datasets import Value
+
+    path = write_hub_copy(tmp_path, "cars", n_train=4, n_eval=2, labels={"train": ["apple", "fig", "fig", "apple"]},
+                          label_features={"train": Value("string")})
+    with pytest.raises(DataError, match=r"column 'label'.*strings in split 'train' \(e.g. 'apple'\).*class ids"):
+        load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+
+
+@pytest.mark.parametrize("kind", ["string", "int64"])
+def test_missing_labels_name_column_and_row(tmp_path, kind):
+    from datasets import Value
+
+    values = ["a", None, "b", "a"] if kind == "string" else [0, None, 1, 0]
+    other = ["a", "b"] if kind == "string" else [0, 1]
+    path = write_hub_copy(tmp_path, "cars", n_train=4, n_eval=2, labels={"train": values, "test": other},
+                          label_features={"train": Value(kind), "test": Value(kind)})
+    with pytest.raises(DataError, match=r"split 'train'.*missing label \(None\) in column 'label' at row 1"):
+        load_image_data(DataArguments(dataset="cars", dataset_path=str(path)))
+
+
+def test_label_errors_on_the_command_line_are_one_line_exit_2(tmp_path, capsys):
+    from datasets import Value
+
+    from hf_gam.cli import main
+
+    path = write_hub_copy(tmp_path, "cars", n_train=4, n_eval=2, labels={"train": ["a", None, "b", "a"]},
+                          label_features={"train": Value("string")})
+    capsys.readouterr()
+    assert main(["train", "--dataset", "cars", "--dataset_path", str(path), "--output_dir",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-gam")]  # datasets' progress bars aside
+    assert len(lines) == 1 and lines[0].startswith("hf-gam: error: label_column:") and "None" in lines[0]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hub_copies):
+    """The Hub-id path, offline: the dataset card (README with the 9-split `configs:` block of tanganke/stanford_cars)
+    names each split's files, and `load_dataset` is asked for train and test only, each alone."""
+    import huggingface_hub
+    from conftest import write_readme
+    from datasets import load_dataset
+
+    import hf_gam.data as data_module
+
+    write_readme(tmp_path, ["train", "test", *CARS_CORRUPTIONS])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, **kw: str(tmp_path / filename))
+    assert list(split_files("tanganke/stanford_cars")) == ["train", "test", *CARS_CORRUPTIONS]
+    calls = []
+
+    def fake_load(path, **kwargs):  # serve the local copy's split in place of the Hub's
+        calls.append((path, kwargs))
+        return load_dataset(str(hub_copies["cars"]), **kwargs)
+
+    monkeypatch.setattr(data_module, "load_dataset", fake_load)
+    data = load_image_data(DataArguments(dataset="cars"))
+    assert (len(data.train), len(data.eval), data.hub_id) == (8, 4, "tanganke/stanford_cars")
+    assert calls == [("tanganke/stanford_cars", {"data_files": {"train": ["data/train-*"]}, "split": "train"}),
+                     ("tanganke/stanford_cars", {"data_files": {"test": ["data/test-*"]}, "split": "test"})]
