@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .flatness import defaults as flatness_defaults
+
 logger = logging.getLogger("hf_gam.cli")
 
 USAGE = """usage: hf-gam <command> [options]
@@ -63,7 +65,8 @@ class RunArguments:
         "After training, measure the flatness of the final model (hf_gam.flatness: Hessian spectrum, trace, R1, "
         "R0, landscapes; --flatness_* settings) on the first training batches (eval transforms) and write it to "
         "OUTPUT_DIR/flatness.")})
-    flatness_batches: int = field(default=4, metadata={"help": "Batches measured by flatness (train batch size)."})
+    flatness_batches: int = field(default=flatness_defaults.NUM_BATCHES, metadata={
+        "help": "Batches measured by flatness (train batch size)."})
     metrics: list[str] = field(default_factory=lambda: ["accuracy", "top_k_accuracy"], metadata={"help": (
         "Evaluation metrics, as `evaluate` modules: the shipped accuracy and top_k_accuracy (top-5; offline), "
         "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
@@ -77,7 +80,8 @@ class FlatnessRunArguments:
 
     output_dir: str = field(default="outputs/flatness", metadata={"help": "Where flatness.json and the PNGs go."})
     split: Literal["train", "eval"] = field(default="train", metadata={"help": "Measure on train or eval images."})
-    flatness_batches: int = field(default=4, metadata={"help": "How many batches are measured."})
+    flatness_batches: int = field(default=flatness_defaults.NUM_BATCHES, metadata={
+        "help": "How many batches are measured."})
     batch_size: int = field(default=64, metadata={"help": "Images per batch."})
 
 

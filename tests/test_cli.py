@@ -169,7 +169,7 @@ def test_push_without_token_fails_early(tmp_path, capsys, monkeypatch):
 
 
 def test_console_script_exit_status(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # the checkout under test
     proc = subprocess.run([sys.executable, "-m", "hf_gam", "train", "--dataset", "nope"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2

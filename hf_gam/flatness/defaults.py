@@ -28,6 +28,7 @@ LANDSCAPE_RESOLUTION = 21  # grid points per axis
 LANDSCAPE_SPAN = 1.0  # [-span, span] along each direction
 
 # Every measure
+NUM_BATCHES = 4  # batches measured by `hf-gam flatness` and `hf-gam train --flatness_at_end`
 SEED = 0
 TRAIN_MODE = False  # eval-mode loss (BatchNorm running statistics, no dropout)
 
