@@ -5,8 +5,10 @@ Overrides, and nothing else:
 - ``training_step``: runs the mode's passes (:mod:`hf_gam.passes`) and leaves the step's direction in ``p.grad``, so
   the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
   ``gam_every`` are the stock ``Trainer.training_step``.
-- ``compute_loss``: single-label classifiers get one cross-entropy, normalized by ``num_items_in_batch`` exactly as
-  transformers' own loss does, for every model (EfficientNet's built-in loss ignores ``num_items_in_batch``).
+- ``compute_loss``: classification and regression heads (single-label cross-entropy, multi-label BCE, regression MSE,
+  ignore index -100) get one loss, ``Σ loss / num_items_in_batch`` over the label elements the Trainer counts, for
+  every model (EfficientNet's cross-entropy and every model's BCE / MSE ignore ``num_items_in_batch``).
+- ``__init__``: plain ``TrainingArguments`` become a ``GAMConfig`` with the ``gam_*`` defaults.
 - ``floating_point_ops``: counts the passes the mode runs.
 - ``log``: adds the per-step figures (``gam/grad_norm``, ``gam/ascent_grad_norm``, ``gam/r1``).
 - ``create_model_card``: the GAM card (:mod:`hf_gam.card`), when that module is available.
@@ -14,6 +16,7 @@ Overrides, and nothing else:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -35,14 +38,52 @@ logger = logging.get_logger(__name__)
 GAM_STATE_NAME = "gam_state.json"
 
 
-def _is_single_label_classifier(model: nn.Module) -> bool:
+def _classifier_config(model: nn.Module):
+    """The config of a model with a classification / regression head (``num_labels`` and a ``problem_type`` of
+    transformers' sequence/image classification losses), else ``None``."""
     config = getattr(model, "config", None)
-    return (config is not None and getattr(config, "num_labels", 0) > 1
-            and getattr(config, "problem_type", None) in (None, "single_label_classification"))
+    if config is None or getattr(config, "num_labels", 0) < 1:
+        return None
+    if getattr(config, "problem_type", None) not in (None, *_HEAD_LOSSES):
+        return None
+    return config
+
+
+def _problem_type(config, labels: Tensor) -> str:
+    """transformers' ``ForSequenceClassificationLoss`` rule (without writing it into the config)."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def _summed_head_loss(problem_type: str, logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
+    """Sum over the label elements that are not ``-100`` of the head's loss: cross-entropy (one label per row),
+    binary cross-entropy with logits (multi-label, one float per class) or squared error (regression). The elements
+    summed are exactly those the Trainer's ``num_items_in_batch`` counts (``labels.ne(-100).sum()``), so
+    ``sum / num_items_in_batch`` is the window's mean loss for every head (the models' own BCE and MSE ignore
+    ``num_items_in_batch``: an upstream defect not copied here)."""
+    labels = labels.to(logits.device)
+    if problem_type == "single_label_classification":
+        return torch_F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                     reduction="sum", label_smoothing=smoothing)
+    logits, labels = logits.reshape(-1), labels.reshape(-1).to(logits.dtype)
+    keep = labels.ne(-100)
+    labels = torch.where(keep, labels, torch.zeros_like(labels))
+    if problem_type == "multi_label_classification":
+        per_element = torch_F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    else:
+        per_element = torch_F.mse_loss(logits, labels, reduction="none")
+    return (per_element * keep).sum()
+
+
+_HEAD_LOSSES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 class GAMTrainer(Trainer):
-    """A ``transformers.Trainer`` for sharpness- and flatness-aware training; pass ``args=GAMConfig(...)``.
+    """A ``transformers.Trainer`` for sharpness- and flatness-aware training; pass ``args=GAMConfig(...)`` (plain
+    ``TrainingArguments`` are converted, with the ``gam_*`` defaults: ``gam_mode="gam_fast"``).
 
     Everything else (datasets, collators, optimizers, callbacks, ``accelerate launch`` / ``torchrun``) is the
     Trainer's. See :class:`hf_gam.GAMConfig` for the ``gam_*`` fields and ``ALGORITHMS.md`` for the update rules.
@@ -51,65 +92,70 @@ class GAMTrainer(Trainer):
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a, **kw):
         if args is None:
             args = GAMConfig(output_dir="trainer_output")
-        if not isinstance(args, GAMConfig):
-            raise TypeError(f"GAMTrainer needs args=GAMConfig(...) (a TrainingArguments subclass with the gam_* "
-                            f"fields); got {type(args).__name__}")
+        elif not isinstance(args, GAMConfig):
+            args = _as_gam_config(args)
         _refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
         super().__init__(model, args, *a, **kw)
         _refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
         self._gam_window: list[dict[str, Any]] = []
-        self._gam_own_loss = _is_single_label_classifier(self.accelerator.unwrap_model(self.model))
-        if self._gam_own_loss:
+        self._gam_head = _classifier_config(self.accelerator.unwrap_model(self.model))
+        if self._gam_head is not None:
             self.model_accepts_loss_kwargs = True  # our compute_loss normalizes by num_items_in_batch itself
 
     # ----------------------------------------------------------------------------------------------- losses
     def _own_loss_applies(self, inputs: dict[str, Any]) -> bool:
         labels = inputs.get("labels")
-        return (self._gam_own_loss and self.compute_loss_func is None and isinstance(labels, Tensor)
-                and not labels.is_floating_point())
+        if self._gam_head is None or self.compute_loss_func is not None or not isinstance(labels, Tensor):
+            return False
+        # label smoothing exists for cross-entropy only: other heads with it keep the Trainer's own path
+        return (self.args.label_smoothing_factor == 0
+                or _problem_type(self._gam_head, labels) == "single_label_classification")
 
-    def _logits_and_labels(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
+    def _summed_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
+        """``(outputs, Σ loss over the counted label elements, their count)`` of one micro-batch."""
         labels = inputs["labels"]
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return outputs, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)
+        total = _summed_head_loss(_problem_type(self._gam_head, labels), logits, labels,
+                                  self.args.label_smoothing_factor)
+        return outputs, total, self._num_items(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Cross-entropy of single-label classifiers computed here, the same for every model: ``sum / num_items``
-        over the accumulation window (transformers' ``fixed_cross_entropy``), times the process count when
+        """The loss of classification and regression heads computed here, the same for every model and head:
+        ``Σ loss / num_items_in_batch`` over the accumulation window (transformers' ``fixed_cross_entropy`` rule,
+        extended to multi-label BCE and regression MSE), times the process count when
         ``average_tokens_across_devices`` (as ``Trainer.compute_loss``). Other models: the Trainer's own."""
         if not self._own_loss_applies(inputs):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        outputs, logits, labels = self._logits_and_labels(model, inputs)
-        smoothing = self.args.label_smoothing_factor
+        outputs, total, n_items = self._summed_loss(model, inputs)
         if num_items_in_batch is None:
-            loss = torch_F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=smoothing)
+            loss = total / n_items.to(total.device).clamp_min(1)
         else:
-            loss = torch_F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum",
-                                         label_smoothing=smoothing)
-            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
-                           else num_items_in_batch)
+            loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                            else num_items_in_batch)
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _mean_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        """Mean loss of one micro-batch at the current weights (the ``L`` of ALGORITHMS.md)."""
+        """Mean loss of one micro-batch at the current weights (the ``L`` of ALGORITHMS.md): the loss summed over
+        its counted label elements divided by their count ``n_i`` (:meth:`_num_items`)."""
         with self.compute_loss_context_manager():
             if self._own_loss_applies(inputs):
-                _, logits, labels = self._logits_and_labels(model, inputs)
-                return torch_F.cross_entropy(logits, labels, ignore_index=-100,
-                                             label_smoothing=self.args.label_smoothing_factor)
+                _, total, n_items = self._summed_loss(model, inputs)
+                return total / n_items.to(total.device).clamp_min(1)
             return self.compute_loss(model, inputs)
 
     @staticmethod
     def _num_items(inputs: dict[str, Any]) -> Tensor:
+        """What the Trainer's ``num_items_in_batch`` counts for this micro-batch: label elements that are not
+        ``-100`` (rows for single-label and 1-output regression heads, rows x classes for multi-label ones)."""
         labels = inputs.get("labels")
         if isinstance(labels, Tensor):
-            return labels.ne(-100).sum() if not labels.is_floating_point() else torch.tensor(labels.shape[0])
+            return labels.ne(-100).sum()
         raise ValueError("GAMTrainer needs a `labels` tensor in every batch")
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch) -> Tensor:
@@ -168,14 +214,21 @@ class GAMTrainer(Trainer):
 
     @staticmethod
     def _accumulate_grad(params: list[Tensor], d: list[Tensor], weight: Tensor) -> None:
-        """``p.grad += weight * d`` (gradients of earlier micro-batches of the window are kept)."""
+        """``p.grad += weight * d`` (gradients of earlier micro-batches of the window are kept). A new ``p.grad`` gets
+        the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
+        one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
+        ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
         with torch.no_grad():
             torch._foreach_mul_(d, weight.to(d[0].device, d[0].dtype))
             have = [i for i, p in enumerate(params) if p.grad is not None]
             if have:
                 torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
             for i in sorted(set(range(len(params))) - set(have)):
-                params[i].grad = d[i] if d[i].dtype == params[i].dtype else d[i].to(params[i].dtype)
+                p, di = params[i], d[i]
+                if di.dtype == p.dtype and di.stride() == p.stride():
+                    p.grad = di
+                else:
+                    p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
@@ -268,6 +321,25 @@ class GAMTrainer(Trainer):
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.gam_counters.update(json.load(f)["counters"])
+
+
+def _as_gam_config(args: TrainingArguments) -> GAMConfig:
+    """Plain ``TrainingArguments`` (or any other subclass) as a ``GAMConfig`` with every ``gam_*`` field at its
+    default, as TRL's trainers convert plain arguments to their configs. Values are read from the init fields with
+    ``getattr`` (``to_dict`` would mask ``hub_token`` and turn dtypes into strings) after ``__post_init__`` resolved
+    them; ``__post_init__`` runs again on them, which changes nothing (it only resolves aliases, enums and defaults).
+    Fields of another subclass that ``GAMConfig`` lacks are kept as plain attributes."""
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"GAMTrainer needs args=GAMConfig(...) or TrainingArguments(...); got {type(args).__name__}")
+    ours = {f.name for f in dataclasses.fields(GAMConfig) if f.init}
+    theirs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    config = GAMConfig(**{k: v for k, v in theirs.items() if k in ours})
+    extra = sorted(set(theirs) - ours)
+    for name in extra:
+        setattr(config, name, theirs[name])
+    logger.info("GAMTrainer: %s converted to GAMConfig with gam_mode=%r and the gam_* defaults%s",
+                type(args).__name__, config.gam_mode, f" (also kept: {', '.join(extra)})" if extra else "")
+    return config
 
 
 def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:

@@ -63,3 +63,22 @@ def tiny_data(n=16, in_dim=6, num_labels=3, seed=1, dtype=torch.float64):
     x = torch.randn(n, in_dim, generator=g, dtype=dtype)
     y = torch.randint(0, num_labels, (n,), generator=g)
     return TensorDataset(x, y)
+
+
+# Heads of transformers' classification losses: (TinyConfig kwargs, label maker(generator, n)).
+HEADS = {
+    "single_label": ({}, lambda g, n: torch.randint(0, 3, (n,), generator=g)),
+    "ignore_index": ({}, lambda g, n: torch.where(torch.rand(n, generator=g) < 0.3, -100,
+                                                  torch.randint(0, 3, (n,), generator=g))),
+    "multi_label": ({"problem_type": "multi_label_classification"},
+                    lambda g, n: torch.randint(0, 2, (n, 3), generator=g).double()),
+    "regression": ({"num_labels": 1}, lambda g, n: torch.randn(n, generator=g, dtype=torch.float64)),
+}
+
+
+def head_model_and_data(head, n=12, seed=0):
+    """A float64 :class:`TinyMLP` with head ``head`` (a key of :data:`HEADS`) and ``n`` samples with its labels."""
+    config, make_labels = HEADS[head]
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return tiny_model(seed, **config), TensorDataset(x, make_labels(g, n))

@@ -181,9 +181,55 @@ def test_logs_and_flops(tmp_path):
     assert trainer.floating_point_ops(batch) == plain
 
 
-def test_trainer_rejects_plain_training_arguments(tmp_path):
-    with pytest.raises(TypeError, match="GAMConfig"):
-        GAMTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+def test_plain_training_arguments_converted(tmp_path, caplog):
+    """A script that keeps its TrainingArguments and swaps only Trainer -> GAMTrainer gets a GAMConfig with every
+    TrainingArguments value kept (hub_token included) and the gam_* defaults: gam_fast."""
+    import logging
+
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=3e-3, eval_strategy="steps",
+                              logging_steps=7, report_to="none", hub_token="secret", optim="sgd",
+                              lr_scheduler_type="cosine", warmup_steps=0.1, gradient_checkpointing=True)
+    with caplog.at_level(logging.INFO, logger="hf_gam.trainer"):
+        trainer = GAMTrainer(model=tiny_model(), args=plain, eval_dataset=tiny_data())
+    args = trainer.args
+    assert type(args) is GAMConfig and args.gam_mode == "gam_fast" and (args.gam_rho, args.gam_alpha) == (0.2, 0.6)
+    assert {k: v for k, v in args.to_dict().items() if k in plain.to_dict()} == plain.to_dict()
+    assert args.hub_token == "secret" and args.eval_steps == 7 and args.activation_checkpointing is True
+    assert any("TrainingArguments converted to GAMConfig" in r.getMessage() for r in caplog.records)
+
+
+def test_other_training_arguments_subclass_converted(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    trainer = GAMTrainer(model=tiny_model(), args=Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", predict_with_generate=True, seed=5))
+    assert isinstance(trainer.args, GAMConfig) and trainer.args.seed == 5
+    assert trainer.args.predict_with_generate is True  # a field GAMConfig lacks, kept as an attribute
+
+
+def test_default_mode_is_gam_fast(tmp_path):
+    assert GAMConfig(output_dir=str(tmp_path), use_cpu=True).gam_mode == "gam_fast"
+    assert GAMTrainer(model=tiny_model(), args=None).args.gam_mode == "gam_fast"
+
+
+REENTRANT_SPELLINGS = {
+    "gradient_dict": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+    "gradient_json": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs='{"use_reentrant": true}'),
+    "activation_dict": dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+    "activation_json": dict(activation_checkpointing=True,
+                            activation_checkpointing_kwargs='{"use_reentrant": true}'),
+    "mixed": dict(gradient_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+}
+
+
+@pytest.mark.parametrize("spelling", list(REENTRANT_SPELLINGS))
+def test_reentrant_checkpointing_refused_every_spelling(tmp_path, spelling):
+    kw = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", **REENTRANT_SPELLINGS[spelling])
+    with pytest.raises(ValueError, match="reentrant.*gam_fast|gam_fast.*reentrant"):
+        GAMConfig(**kw)
+    with pytest.raises(ValueError, match="use_reentrant"):  # plain TrainingArguments: refused at conversion
+        GAMTrainer(model=tiny_model(), args=TrainingArguments(**kw))
+    assert GAMConfig(gam_mode="none", **kw).activation_checkpointing_kwargs == {"use_reentrant": True}
 
 
 @pytest.mark.parametrize("mode", ["gam", "gam_fast"])
