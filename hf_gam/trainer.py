@@ -183,6 +183,8 @@ class GAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        if MODES[self.args.gam_mode].hvp:
+            model = _uncompiled(model)  # aot_autograd has no double backward; parameters are shared
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
             return self._global_step(model, params, inputs)
@@ -321,6 +323,14 @@ class GAMTrainer(Trainer):
         if path and os.path.isfile(path):
             with open(path) as f:
                 self.gam_counters.update(json.load(f)["counters"])
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` (``OptimizedModule._orig_mod``, same parameters and buffers): exact-HVP
+    passes run on it, since compiled graphs (aot_autograd) have no double backward."""
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def _as_gam_config(args: TrainingArguments) -> GAMConfig:
