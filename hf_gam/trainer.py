@@ -23,6 +23,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
@@ -36,6 +37,7 @@ __all__ = ["GAMTrainer"]
 
 logger = logging.get_logger(__name__)
 GAM_STATE_NAME = "gam_state.json"
+LOGGED = ("gam/grad_norm", "gam/ascent_grad_norm", "gam/r1")  # figures logged as means over processes
 
 
 def _classifier_config(model: nn.Module):
@@ -99,6 +101,7 @@ class GAMTrainer(Trainer):
         _refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        self._gam_rho_used: float | None = None
         self._gam_window: list[dict[str, Any]] = []
         self._gam_head = _classifier_config(self.accelerator.unwrap_model(self.model))
         if self._gam_head is not None:
@@ -191,12 +194,13 @@ class GAMTrainer(Trainer):
         scale = self._loss_scale()
         oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=scale,
                                   pass_context=lambda: self.accelerator.no_sync(model))
-        d, stats = run_passes(self._hyper(), params, oracle)
+        hyper = self._hyper()
+        d, stats = run_passes(hyper, params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         self._accumulate_grad(params, d, weight * (scale or 1.0))
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
             all_reduce_([p.grad for p in params], mean=True)
-        self._record(stats)
+        self._record(stats, hyper)
         return (stats["loss"].double() * weight).to(self.args.device, torch.float32)
 
     def _global_step(self, model: nn.Module, params: list[Tensor], inputs: dict[str, Any]) -> Tensor:
@@ -209,9 +213,10 @@ class GAMTrainer(Trainer):
         scale = self._loss_scale()
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
                               loss_scale=scale, pass_context=lambda: self.accelerator.no_sync(model))
-        d, stats = run_passes(self._hyper(), params, oracle)
+        hyper = self._hyper()
+        d, stats = run_passes(hyper, params, oracle)
         self._accumulate_grad(params, d, torch.tensor(scale or 1.0, dtype=torch.float64))
-        self._record(stats)
+        self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
 
     @staticmethod
@@ -247,7 +252,8 @@ class GAMTrainer(Trainer):
             scaler.scale(torch.ones((), device=self.args.device))
         return float(scaler.get_scale())
 
-    def _record(self, stats: dict[str, Tensor]) -> None:
+    def _record(self, stats: dict[str, Tensor], hyper) -> None:
+        """Keep this pass's figures for the next log; ``hyper`` is the step's (its ρ is the one the passes used)."""
         if "overflow" in stats:
             self.gam_counters["overflow_steps"] += 1
             return
@@ -256,11 +262,12 @@ class GAMTrainer(Trainer):
             logger.warning("step %d: a perturbed pass of gam_mode=%r gave a non-finite gradient; this micro-batch "
                            "uses the clean gradient (%d fallbacks so far)", self.state.global_step,
                            self.args.gam_mode, self.gam_counters["nonfinite_fallbacks"])
+        self._gam_rho_used = hyper.rho
         self._gam_metrics["gam/grad_norm"].append(stats["grad_norm"].detach())
         if "ascent_grad_norm" in stats:
             self._gam_metrics["gam/ascent_grad_norm"].append(stats["ascent_grad_norm"].detach())
             if self.args.gam_mode in ("gam", "gam_sam", "gam_fast"):
-                self._gam_metrics["gam/r1"].append(self.args.gam_rho * stats["ascent_grad_norm"].detach())
+                self._gam_metrics["gam/r1"].append(hyper.rho * stats["ascent_grad_norm"].detach())
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
@@ -270,16 +277,32 @@ class GAMTrainer(Trainer):
         return flos * MODES[self.args.gam_mode].passes if self.gam_step_active() else flos
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs get the ``gam/*`` means since the last log, over every micro-batch of every process (one
+        all-reduce of a six-number vector per log, on the logs every process writes: those with ``loss``), and
+        under ``lr_proportional`` ``gam/rho``, the ρ of the last step run (not the next step's)."""
         if "loss" in logs and self.args.gam_mode != "none":
-            for key, values in self._gam_metrics.items():
-                logs[key] = torch.stack([v.float().cpu() for v in values]).mean().item()
-            self._gam_metrics.clear()
-            if self.args.gam_rho_schedule != "constant":
-                logs["gam/rho"] = self._hyper().rho
+            logs.update(self._gam_means())
+            if self.args.gam_rho_schedule != "constant" and self._gam_rho_used is not None:
+                logs["gam/rho"] = self._gam_rho_used
             for key, count in self.gam_counters.items():
                 if count:
                     logs[f"gam/{key}"] = count
         super().log(logs, start_time)
+
+    def _gam_means(self) -> dict[str, float]:
+        """Means of the recorded figures over all processes: ``[Σ, count]`` per key, summed by one all-reduce."""
+        sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64)
+        for i, key in enumerate(LOGGED):
+            values = self._gam_metrics.get(key)
+            if values:
+                sums[2 * i] = torch.stack([v.double().cpu() for v in values]).sum()
+                sums[2 * i + 1] = len(values)
+        self._gam_metrics.clear()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = sums.to(self.args.device)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sums = sums.cpu()
+        return {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOGGED) if sums[2 * i + 1] > 0}
 
     def create_model_card(self, language: str | None = None, license: str | None = None,
                           tags: str | list[str] | None = None, model_name: str | None = None,
