@@ -99,6 +99,7 @@ class GAMTrainer(Trainer):
         _refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
         super().__init__(model, args, *a, **kw)
         _refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        _refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
         self._gam_rho_used: float | None = None
@@ -373,6 +374,19 @@ def _as_gam_config(args: TrainingArguments) -> GAMConfig:
     logger.info("GAMTrainer: %s converted to GAMConfig with gam_mode=%r and the gam_* defaults%s",
                 type(args).__name__, config.gam_mode, f" (also kept: {', '.join(extra)})" if extra else "")
     return config
+
+
+def _refuse_regional_compilation(args: GAMConfig, plugin) -> None:
+    """Exact-HVP modes run their passes on the module under ``torch.compile``; accelerate's regional compilation
+    compiles submodules in place, leaving no uncompiled module to run them on: refuse it at construction."""
+    if (MODES[args.gam_mode].hvp and args.torch_compile and plugin is not None
+            and getattr(plugin, "use_regional_compilation", False)):
+        working = ", ".join(m for m, spec in MODES.items() if not spec.hvp)
+        raise ValueError(
+            f"torch_compile=True with accelerate's regional compilation (ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION) "
+            f"does not work with gam_mode={args.gam_mode!r}: its Hessian-vector products need double backward, which "
+            f"compiled graphs lack. Use whole-model compilation (the default), or torch_compile=False, or a "
+            f"first-order mode ({working}).")
 
 
 def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:

@@ -63,3 +63,16 @@ def test_torch_compile_equals_eager(tmp_path, backend, mode):
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-8)
     assert "gam/grad_norm" in trainer.state.log_history[0]
+
+
+def test_regional_compilation_refused_for_exact_modes(tmp_path, monkeypatch):
+    """accelerate's regional compilation compiles blocks in place: no uncompiled module is left for the HVP passes."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
+
+    def make(mode):
+        args = GAMConfig(output_dir=str(tmp_path), gam_mode=mode, torch_compile=True, use_cpu=True, report_to="none")
+        return GAMTrainer(model=tiny_conv(), args=args, train_dataset=image_batches())
+
+    with pytest.raises(ValueError, match=r"torch_compile.*gam_mode='gam'.*gam_fast"):
+        make("gam")
+    assert make("gam_fast").accelerator.state.dynamo_plugin.use_regional_compilation
