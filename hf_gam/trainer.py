@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as torch_F
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
 from .directions import MODES
+from .losses import classifier_config, problem_type, summed_head_loss
 from .passes import MicroBatchOracle, WindowOracle, all_reduce_, run_passes
 
 __all__ = ["GAMTrainer"]
@@ -38,49 +38,6 @@ __all__ = ["GAMTrainer"]
 logger = logging.get_logger(__name__)
 GAM_STATE_NAME = "gam_state.json"
 LOGGED = ("gam/grad_norm", "gam/ascent_grad_norm", "gam/r1")  # figures logged as means over processes
-
-
-def _classifier_config(model: nn.Module):
-    """The config of a model with a classification / regression head (``num_labels`` and a ``problem_type`` of
-    transformers' sequence/image classification losses), else ``None``."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "num_labels", 0) < 1:
-        return None
-    if getattr(config, "problem_type", None) not in (None, *_HEAD_LOSSES):
-        return None
-    return config
-
-
-def _problem_type(config, labels: Tensor) -> str:
-    """transformers' ``ForSequenceClassificationLoss`` rule (without writing it into the config)."""
-    if config.problem_type is not None:
-        return config.problem_type
-    if config.num_labels == 1:
-        return "regression"
-    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
-
-
-def _summed_head_loss(problem_type: str, logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
-    """Sum over the label elements that are not ``-100`` of the head's loss: cross-entropy (one label per row),
-    binary cross-entropy with logits (multi-label, one float per class) or squared error (regression). The elements
-    summed are exactly those the Trainer's ``num_items_in_batch`` counts (``labels.ne(-100).sum()``), so
-    ``sum / num_items_in_batch`` is the window's mean loss for every head (the models' own BCE and MSE ignore
-    ``num_items_in_batch``: an upstream defect not copied here)."""
-    labels = labels.to(logits.device)
-    if problem_type == "single_label_classification":
-        return torch_F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                     reduction="sum", label_smoothing=smoothing)
-    logits, labels = logits.reshape(-1), labels.reshape(-1).to(logits.dtype)
-    keep = labels.ne(-100)
-    labels = torch.where(keep, labels, torch.zeros_like(labels))
-    if problem_type == "multi_label_classification":
-        per_element = torch_F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    else:
-        per_element = torch_F.mse_loss(logits, labels, reduction="none")
-    return (per_element * keep).sum()
-
-
-_HEAD_LOSSES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 class GAMTrainer(Trainer):
@@ -104,7 +61,7 @@ class GAMTrainer(Trainer):
         self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
         self._gam_rho_used: float | None = None
         self._gam_window: list[dict[str, Any]] = []
-        self._gam_head = _classifier_config(self.accelerator.unwrap_model(self.model))
+        self._gam_head = classifier_config(self.accelerator.unwrap_model(self.model))
         if self._gam_head is not None:
             self.model_accepts_loss_kwargs = True  # our compute_loss normalizes by num_items_in_batch itself
 
@@ -115,14 +72,14 @@ class GAMTrainer(Trainer):
             return False
         # label smoothing exists for cross-entropy only: other heads with it keep the Trainer's own path
         return (self.args.label_smoothing_factor == 0
-                or _problem_type(self._gam_head, labels) == "single_label_classification")
+                or problem_type(self._gam_head, labels) == "single_label_classification")
 
     def _summed_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
         """``(outputs, Σ loss over the counted label elements, their count)`` of one micro-batch."""
         labels = inputs["labels"]
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        total = _summed_head_loss(_problem_type(self._gam_head, labels), logits, labels,
+        total = summed_head_loss(problem_type(self._gam_head, labels), logits, labels,
                                   self.args.label_smoothing_factor)
         return outputs, total, self._num_items(inputs)
 
