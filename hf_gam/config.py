@@ -21,10 +21,11 @@ class GAMConfig(TrainingArguments):
     Gradient-norm Aware Minimization (Zhang et al., CVPR 2023) and its relatives. Symbols are the paper's.
 
     Parameters:
-        gam_mode (`str`, *optional*, defaults to `"gam"`):
+        gam_mode (`str`, *optional*, defaults to `"gam_fast"`):
             Update rule: `"none"` (plain gradient, identical to `Trainer`), `"sam"` (SAM), `"gnp"` (gradient-norm
             penalty, GAM without the ascent), `"gam"` (Algorithm 1, exact Hessian-vector products), `"gam_sam"` (GAM
-            with SAM's gradient as oracle) or `"gam_fast"` (Algorithm 2, four first-order passes).
+            with SAM's gradient as oracle) or `"gam_fast"` (Algorithm 2, four first-order passes: the released
+            code's algorithm and the default; exact `"gam"` is opt-in).
         gam_rho (`float` or `None`, *optional*, defaults to `None`):
             ρ, radius of the ascent on the gradient norm. `None` takes the mode's default: 0.2 for `gam_fast` (the
             released code), 0.05 for `sam`, 0.04 otherwise (paper, CIFAR-10).
@@ -65,7 +66,7 @@ class GAMConfig(TrainingArguments):
     """
 
     gam_mode: GamMode = field(
-        default="gam",
+        default="gam_fast",
         metadata={"help": "Update rule: none | sam | gnp | gam (Algorithm 1) | gam_sam | gam_fast (Algorithm 2)."},
     )
     gam_rho: float | None = field(
@@ -137,6 +138,7 @@ class GAMConfig(TrainingArguments):
         if self.sam_rho is None:
             self.sam_rho = self.gam_rho
         super().__post_init__()
+        self._refuse_reentrant_checkpointing()
 
     def _validate_gam(self) -> None:
         """Raise ``ValueError`` naming the field and the value for every out-of-range ``gam_*`` setting."""
@@ -170,9 +172,16 @@ class GAMConfig(TrainingArguments):
               else f"in [0, {alpha_max:g}] for gam_mode={self.gam_mode!r}", optional=True)
         if isinstance(self.gam_every, bool) or not isinstance(self.gam_every, int) or self.gam_every < 1:
             raise ValueError(f"gam_every must be an integer >= 1; got {self.gam_every!r}")
-        ckpt_kwargs = self.gradient_checkpointing_kwargs
-        if (self.gam_mode != "none" and self.gradient_checkpointing and isinstance(ckpt_kwargs, dict)
+
+    def _refuse_reentrant_checkpointing(self) -> None:
+        """Reentrant activation checkpointing raises inside ``torch.autograd.grad``, which every pass of every mode but
+        ``none`` uses. Checked on the arguments as ``TrainingArguments.__post_init__`` resolved them (the deprecated
+        ``gradient_checkpointing*`` aliases folded into ``activation_checkpointing*``, JSON strings parsed), so every
+        spelling is caught, before any compute."""
+        ckpt_kwargs = self.activation_checkpointing_kwargs
+        if (self.gam_mode != "none" and self.activation_checkpointing and isinstance(ckpt_kwargs, dict)
                 and ckpt_kwargs.get("use_reentrant")):
-            raise ValueError(f"gradient_checkpointing_kwargs={ckpt_kwargs!r}: reentrant checkpointing does not work "
-                             "with torch.autograd.grad, which every gam_mode but 'none' uses; drop use_reentrant "
-                             "(the default is non-reentrant)")
+            raise ValueError(
+                f"activation_checkpointing_kwargs (gradient_checkpointing_kwargs)={ckpt_kwargs!r} with "
+                f"gam_mode={self.gam_mode!r}: reentrant checkpointing does not work with torch.autograd.grad, which "
+                "every gam_mode but 'none' uses; drop use_reentrant (the default is non-reentrant)")

@@ -5,11 +5,17 @@ Overrides, and nothing else:
 - ``training_step``: runs the mode's passes (:mod:`hf_gam.passes`) and leaves the step's direction in ``p.grad``, so
   the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
   ``gam_every`` are the stock ``Trainer.training_step``.
-- ``compute_loss``: single-label classifiers get one cross-entropy, normalized by ``num_items_in_batch`` exactly as
-  transformers' own loss does, for every model (EfficientNet's built-in loss ignores ``num_items_in_batch``).
+- ``compute_loss``: classification and regression heads (single-label cross-entropy, multi-label BCE, regression MSE,
+  ignore index -100) get one loss, ``Σ loss / num_items_in_batch`` over the label elements the Trainer counts, for
+  every model (EfficientNet's cross-entropy and every model's BCE / MSE ignore ``num_items_in_batch``).
+- ``__init__``: plain ``TrainingArguments`` become a ``GAMConfig`` with the ``gam_*`` defaults.
 - ``floating_point_ops``: counts the passes the mode runs.
 - ``log``: adds the per-step figures (``gam/grad_norm``, ``gam/ascent_grad_norm``, ``gam/r1``).
 - ``create_model_card``: the GAM card (:mod:`hf_gam.card`), when that module is available.
+- ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
+  conversion (:mod:`hf_gam.checkpoints`).
+
+What is converted or refused at construction lives in :mod:`hf_gam.guards`.
 """
 
 from __future__ import annotations
@@ -20,29 +26,27 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.nn.functional as torch_F
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
+from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from .directions import MODES
+from .losses import classifier_config, problem_type, summed_head_loss
 from .passes import MicroBatchOracle, WindowOracle, all_reduce_, run_passes
 
 __all__ = ["GAMTrainer"]
 
 logger = logging.get_logger(__name__)
 GAM_STATE_NAME = "gam_state.json"
-
-
-def _is_single_label_classifier(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return (config is not None and getattr(config, "num_labels", 0) > 1
-            and getattr(config, "problem_type", None) in (None, "single_label_classification"))
+LOGGED = ("gam/grad_norm", "gam/ascent_grad_norm", "gam/r1")  # figures logged as means over processes
 
 
 class GAMTrainer(Trainer):
-    """A ``transformers.Trainer`` for sharpness- and flatness-aware training; pass ``args=GAMConfig(...)``.
+    """A ``transformers.Trainer`` for sharpness- and flatness-aware training; pass ``args=GAMConfig(...)`` (plain
+    ``TrainingArguments`` are converted, with the ``gam_*`` defaults: ``gam_mode="gam_fast"``).
 
     Everything else (datasets, collators, optimizers, callbacks, ``accelerate launch`` / ``torchrun``) is the
     Trainer's. See :class:`hf_gam.GAMConfig` for the ``gam_*`` fields and ``docs/algorithms.md`` for the update rules.
@@ -51,65 +55,72 @@ class GAMTrainer(Trainer):
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a, **kw):
         if args is None:
             args = GAMConfig(output_dir="trainer_output")
-        if not isinstance(args, GAMConfig):
-            raise TypeError(f"GAMTrainer needs args=GAMConfig(...) (a TrainingArguments subclass with the gam_* "
-                            f"fields); got {type(args).__name__}")
-        _refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
+        elif not isinstance(args, GAMConfig):
+            args = as_gam_config(args)
+        refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
         super().__init__(model, args, *a, **kw)
-        _refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        self._gam_rho_used: float | None = None
         self._gam_window: list[dict[str, Any]] = []
-        self._gam_own_loss = _is_single_label_classifier(self.accelerator.unwrap_model(self.model))
-        if self._gam_own_loss:
+        self._gam_head = classifier_config(self.accelerator.unwrap_model(self.model))
+        if self._gam_head is not None:
             self.model_accepts_loss_kwargs = True  # our compute_loss normalizes by num_items_in_batch itself
 
     # ----------------------------------------------------------------------------------------------- losses
     def _own_loss_applies(self, inputs: dict[str, Any]) -> bool:
         labels = inputs.get("labels")
-        return (self._gam_own_loss and self.compute_loss_func is None and isinstance(labels, Tensor)
-                and not labels.is_floating_point())
+        if self._gam_head is None or self.compute_loss_func is not None or not isinstance(labels, Tensor):
+            return False
+        # label smoothing exists for cross-entropy only: other heads with it keep the Trainer's own path
+        return (self.args.label_smoothing_factor == 0
+                or problem_type(self._gam_head, labels) == "single_label_classification")
 
-    def _logits_and_labels(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
+    def _summed_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
+        """``(outputs, Σ loss over the counted label elements, their count)`` of one micro-batch."""
         labels = inputs["labels"]
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return outputs, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)
+        total = summed_head_loss(problem_type(self._gam_head, labels), logits, labels,
+                                  self.args.label_smoothing_factor)
+        return outputs, total, self._num_items(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Cross-entropy of single-label classifiers computed here, the same for every model: ``sum / num_items``
-        over the accumulation window (transformers' ``fixed_cross_entropy``), times the process count when
+        """The loss of classification and regression heads computed here, the same for every model and head:
+        ``Σ loss / num_items_in_batch`` over the accumulation window (transformers' ``fixed_cross_entropy`` rule,
+        extended to multi-label BCE and regression MSE), times the process count when
         ``average_tokens_across_devices`` (as ``Trainer.compute_loss``). Other models: the Trainer's own."""
         if not self._own_loss_applies(inputs):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        outputs, logits, labels = self._logits_and_labels(model, inputs)
-        smoothing = self.args.label_smoothing_factor
+        outputs, total, n_items = self._summed_loss(model, inputs)
         if num_items_in_batch is None:
-            loss = torch_F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=smoothing)
+            loss = total / n_items.to(total.device).clamp_min(1)
         else:
-            loss = torch_F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum",
-                                         label_smoothing=smoothing)
-            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
-                           else num_items_in_batch)
+            loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                            else num_items_in_batch)
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _mean_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
-        """Mean loss of one micro-batch at the current weights (the ``L`` of docs/algorithms.md)."""
+        """Mean loss of one micro-batch at the current weights (the ``L`` of docs/algorithms.md): the loss summed
+        over its counted label elements divided by their count ``n_i`` (:meth:`_num_items`)."""
         with self.compute_loss_context_manager():
             if self._own_loss_applies(inputs):
-                _, logits, labels = self._logits_and_labels(model, inputs)
-                return torch_F.cross_entropy(logits, labels, ignore_index=-100,
-                                             label_smoothing=self.args.label_smoothing_factor)
+                _, total, n_items = self._summed_loss(model, inputs)
+                return total / n_items.to(total.device).clamp_min(1)
             return self.compute_loss(model, inputs)
 
     @staticmethod
     def _num_items(inputs: dict[str, Any]) -> Tensor:
+        """What the Trainer's ``num_items_in_batch`` counts for this micro-batch: label elements that are not
+        ``-100`` (rows for single-label and 1-output regression heads, rows x classes for multi-label ones)."""
         labels = inputs.get("labels")
         if isinstance(labels, Tensor):
-            return labels.ne(-100).sum() if not labels.is_floating_point() else torch.tensor(labels.shape[0])
+            return labels.ne(-100).sum()
         raise ValueError("GAMTrainer needs a `labels` tensor in every batch")
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch) -> Tensor:
@@ -137,18 +148,21 @@ class GAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        if MODES[self.args.gam_mode].hvp:
+            model = uncompiled(model)  # aot_autograd has no double backward; parameters are shared
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
             return self._global_perturbation_step(model, params, inputs)
         scale = self._loss_scale()
         oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=scale,
                                   pass_context=lambda: self.accelerator.no_sync(model))
-        d, stats = run_passes(self._hyper(), params, oracle)
+        hyper = self._hyper()
+        d, stats = run_passes(hyper, params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         self._accumulate_grad(params, d, weight * (scale or 1.0))
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
             all_reduce_([p.grad for p in params], mean=True)
-        self._record(stats)
+        self._record(stats, hyper)
         return (stats["loss"].double() * weight).to(self.args.device, torch.float32)
 
     def _global_perturbation_step(self, model: nn.Module, params: list[Tensor], inputs: dict[str, Any]) -> Tensor:
@@ -161,21 +175,29 @@ class GAMTrainer(Trainer):
         scale = self._loss_scale()
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
                               loss_scale=scale, pass_context=lambda: self.accelerator.no_sync(model))
-        d, stats = run_passes(self._hyper(), params, oracle)
+        hyper = self._hyper()
+        d, stats = run_passes(hyper, params, oracle)
         self._accumulate_grad(params, d, torch.tensor(scale or 1.0, dtype=torch.float64))
-        self._record(stats)
+        self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
 
     @staticmethod
     def _accumulate_grad(params: list[Tensor], d: list[Tensor], weight: Tensor) -> None:
-        """``p.grad += weight * d`` (gradients of earlier micro-batches of the window are kept)."""
+        """``p.grad += weight * d`` (gradients of earlier micro-batches of the window are kept). A new ``p.grad`` gets
+        the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
+        one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
+        ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
         with torch.no_grad():
             torch._foreach_mul_(d, weight.to(d[0].device, d[0].dtype))
             have = [i for i, p in enumerate(params) if p.grad is not None]
             if have:
                 torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
             for i in sorted(set(range(len(params))) - set(have)):
-                params[i].grad = d[i] if d[i].dtype == params[i].dtype else d[i].to(params[i].dtype)
+                p, di = params[i], d[i]
+                if di.dtype == p.dtype and di.stride() == p.stride():
+                    p.grad = di
+                else:
+                    p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
@@ -192,7 +214,8 @@ class GAMTrainer(Trainer):
             scaler.scale(torch.ones((), device=self.args.device))
         return float(scaler.get_scale())
 
-    def _record(self, stats: dict[str, Tensor]) -> None:
+    def _record(self, stats: dict[str, Tensor], hyper) -> None:
+        """Keep this pass's figures for the next log; ``hyper`` is the step's (its ρ is the one the passes used)."""
         if "overflow" in stats:
             self.gam_counters["overflow_steps"] += 1
             return
@@ -201,11 +224,12 @@ class GAMTrainer(Trainer):
             logger.warning("step %d: a perturbed pass of gam_mode=%r gave a non-finite gradient; this micro-batch "
                            "uses the clean gradient (%d fallbacks so far)", self.state.global_step,
                            self.args.gam_mode, self.gam_counters["nonfinite_fallbacks"])
+        self._gam_rho_used = hyper.rho
         self._gam_metrics["gam/grad_norm"].append(stats["grad_norm"].detach())
         if "ascent_grad_norm" in stats:
             self._gam_metrics["gam/ascent_grad_norm"].append(stats["ascent_grad_norm"].detach())
             if MODES[self.args.gam_mode].norm_ascent:
-                self._gam_metrics["gam/r1"].append(self.args.gam_rho * stats["ascent_grad_norm"].detach())
+                self._gam_metrics["gam/r1"].append(hyper.rho * stats["ascent_grad_norm"].detach())
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
@@ -215,16 +239,32 @@ class GAMTrainer(Trainer):
         return flos * MODES[self.args.gam_mode].passes if self.gam_step_active() else flos
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs get the ``gam/*`` means since the last log, over every micro-batch of every process (one
+        all-reduce of a six-number vector per log, on the logs every process writes: those with ``loss``), and
+        under ``lr_proportional`` ``gam/rho``, the ρ of the last step run (not the next step's)."""
         if "loss" in logs and self.args.gam_mode != "none":
-            for key, values in self._gam_metrics.items():
-                logs[key] = torch.stack([v.float().cpu() for v in values]).mean().item()
-            self._gam_metrics.clear()
-            if self.args.gam_rho_schedule != "constant":
-                logs["gam/rho"] = self._hyper().rho
+            logs.update(self._gam_means())
+            if self.args.gam_rho_schedule != "constant" and self._gam_rho_used is not None:
+                logs["gam/rho"] = self._gam_rho_used
             for key, count in self.gam_counters.items():
                 if count:
                     logs[f"gam/{key}"] = count
         super().log(logs, start_time)
+
+    def _gam_means(self) -> dict[str, float]:
+        """Means of the recorded figures over all processes: ``[Σ, count]`` per key, summed by one all-reduce."""
+        sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64)
+        for i, key in enumerate(LOGGED):
+            values = self._gam_metrics.get(key)
+            if values:
+                sums[2 * i] = torch.stack([v.double().cpu() for v in values]).sum()
+                sums[2 * i + 1] = len(values)
+        self._gam_metrics.clear()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = sums.to(self.args.device)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sums = sums.cpu()
+        return {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOGGED) if sums[2 * i + 1] > 0}
 
     def create_model_card(self, language: str | None = None, license: str | None = None,
                           tags: str | list[str] | None = None, model_name: str | None = None,
@@ -295,20 +335,3 @@ class GAMTrainer(Trainer):
 
         if not restore_checkpoint_weights(self, self.state.best_model_checkpoint):
             super()._load_best_model()
-
-
-def _refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:
-    """DeepSpeed and FSDP cannot run the passes: refuse them at construction, before any compute."""
-    if args.gam_mode == "none":
-        return
-    if deepspeed:
-        raise ValueError(
-            f"gam_mode={args.gam_mode!r} does not work with DeepSpeed: it steps the optimizer inside backward and "
-            "partitions gradients, while GAM/SAM need the full gradient between passes. Launch with DDP instead "
-            "(accelerate launch --multi_gpu, or torchrun), or use gam_mode='none'.")
-    if fsdp:
-        raise ValueError(
-            f"gam_mode={args.gam_mode!r} does not work with FSDP: FSDP shards parameters and gradients, and the "
-            "passes (sam, gnp, gam, gam_sam, gam_fast) need the full gradient and full weights on every process to "
-            "perturb and restore them (exact-HVP modes also need double backward, which FSDP does not support). "
-            "Launch with DDP instead (accelerate launch --multi_gpu, or torchrun); gam_mode='none' runs under FSDP.")

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_gam"
 TRAINING = {"hf_gam.passes", "hf_gam.trainer", "hf_gam.config", "hf_gam.cli", "hf_gam.data", "hf_gam.models",

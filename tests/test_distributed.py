@@ -55,6 +55,25 @@ def test_two_processes_match_reference(ddp_results, mode, perturbation):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["sam", "gam_fast", "gam"])
+def test_gam_logs_are_means_over_processes(ddp_results, mode):
+    """`local` perturbation: each rank's micro-batch has its own gradient norm; the logged `gam/*` figures are their mean
+    over both ranks (one all-reduce per log), so both ranks log the same values, and the mean of the two local
+    norms equals the norm of neither rank's own micro-batch."""
+    logs = [[h for h in r[f"{mode}:local"]["logs"] if "loss" in h][0] for r in ddp_results]
+    keys = [k for k in logs[0] if k.startswith("gam/")]
+    assert "gam/grad_norm" in keys and "gam/ascent_grad_norm" in keys
+    assert all(logs[0][k] == logs[1][k] for k in keys)
+    model, r0 = tiny_model(), ddp_results[0][f"{mode}:local"]
+    norms = []
+    for batch in r0["seen"] + ddp_results[1][f"{mode}:local"]["seen"]:
+        g = torch.autograd.functional.jacobian(loss_of(model, batch), r0["theta0"])
+        norms.append(g.norm().item())
+    assert logs[0]["gam/grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-6)
+    assert all(abs(n - logs[0]["gam/grad_norm"]) > 1e-6 for n in norms)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("mode,perturbation", CASES)
 def test_one_process_accumulation_two_equals_same_reference(tmp_path, mode, perturbation):
     """The other split of the same global batch of 16: one process, two micro-batches of 8."""

@@ -354,14 +354,14 @@ def ddp_optim_results(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode,scope", DDP_CASES)
-def test_two_processes_equal_reference(ddp_optim_results, mode, scope):
-    r0, r1 = (r[f"{mode}:{scope}"] for r in ddp_optim_results)
+@pytest.mark.parametrize("mode,case", DDP_CASES)
+def test_two_processes_equal_reference(ddp_optim_results, mode, case):
+    r0, r1 = (r[f"{mode}:{case}"] for r in ddp_optim_results)
     assert torch.equal(r0["theta1"], r1["theta1"]), "ranks diverged"
     batches = [r0["batch"], r1["batch"]]
     model = tiny_model()
     kw = dict(rho=0.3, alpha=0.4, sam_rho=0.3, rho_prime=0.1, beta=0.3, gamma=0.5)
-    if scope in ("local", "backward"):  # backward: the closure calls loss.backward() (under DDP's no_sync)
+    if case in ("local", "backward"):  # backward: the closure calls loss.backward() (under DDP's no_sync)
         d_ref = sum(direction(mode, loss_of(model, b), r0["theta0"], **kw) for b in batches) / 2
     else:
         union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}

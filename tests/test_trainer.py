@@ -179,9 +179,55 @@ def test_logs_and_flops(tmp_path):
     assert trainer.floating_point_ops(batch) == plain
 
 
-def test_trainer_rejects_plain_training_arguments(tmp_path):
-    with pytest.raises(TypeError, match="GAMConfig"):
-        GAMTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+def test_plain_training_arguments_converted(tmp_path, caplog):
+    """A script that keeps its TrainingArguments and swaps only Trainer -> GAMTrainer gets a GAMConfig with every
+    TrainingArguments value kept (hub_token included) and the gam_* defaults: gam_fast."""
+    import logging
+
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=3e-3, eval_strategy="steps",
+                              logging_steps=7, report_to="none", hub_token="secret", optim="sgd",
+                              lr_scheduler_type="cosine", warmup_steps=0.1, gradient_checkpointing=True)
+    with caplog.at_level(logging.INFO, logger="hf_gam.trainer"):
+        trainer = GAMTrainer(model=tiny_model(), args=plain, eval_dataset=tiny_data())
+    args = trainer.args
+    assert type(args) is GAMConfig and args.gam_mode == "gam_fast" and (args.gam_rho, args.gam_alpha) == (0.2, 0.6)
+    assert {k: v for k, v in args.to_dict().items() if k in plain.to_dict()} == plain.to_dict()
+    assert args.hub_token == "secret" and args.eval_steps == 7 and args.activation_checkpointing is True
+    assert any("TrainingArguments converted to GAMConfig" in r.getMessage() for r in caplog.records)
+
+
+def test_other_training_arguments_subclass_converted(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    trainer = GAMTrainer(model=tiny_model(), args=Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", predict_with_generate=True, seed=5))
+    assert isinstance(trainer.args, GAMConfig) and trainer.args.seed == 5
+    assert trainer.args.predict_with_generate is True  # a field GAMConfig lacks, kept as an attribute
+
+
+def test_default_mode_is_gam_fast(tmp_path):
+    assert GAMConfig(output_dir=str(tmp_path), use_cpu=True).gam_mode == "gam_fast"
+    assert GAMTrainer(model=tiny_model(), args=None).args.gam_mode == "gam_fast"
+
+
+REENTRANT_SPELLINGS = {
+    "gradient_dict": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}),
+    "gradient_json": dict(gradient_checkpointing=True, gradient_checkpointing_kwargs='{"use_reentrant": true}'),
+    "activation_dict": dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+    "activation_json": dict(activation_checkpointing=True,
+                            activation_checkpointing_kwargs='{"use_reentrant": true}'),
+    "mixed": dict(gradient_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+}
+
+
+@pytest.mark.parametrize("spelling", list(REENTRANT_SPELLINGS))
+def test_reentrant_checkpointing_refused_every_spelling(tmp_path, spelling):
+    kw = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", **REENTRANT_SPELLINGS[spelling])
+    with pytest.raises(ValueError, match="reentrant.*gam_fast|gam_fast.*reentrant"):
+        GAMConfig(**kw)
+    with pytest.raises(ValueError, match="use_reentrant"):  # plain TrainingArguments: refused at conversion
+        GAMTrainer(model=tiny_model(), args=TrainingArguments(**kw))
+    assert GAMConfig(gam_mode="none", **kw).activation_checkpointing_kwargs == {"use_reentrant": True}
 
 
 @pytest.mark.parametrize("mode", ["gam", "gam_fast"])
@@ -207,3 +253,46 @@ def test_create_model_card_is_the_gam_card(tmp_path):
     for text in ("gam_fast", "gam_rho", "gam_every", "0.5", "uoft-cs/cifar10", "Gradient Norm Aware Minimization",
                  "- gam", "- sam", "image-classification"):
         assert text in card, text
+
+
+def test_logged_rho_and_r1_are_those_of_the_step(tmp_path):
+    """lr_proportional with a linear schedule: step t runs at lr_t = lr (1 - t/3); the log written after step t
+    shows that step's ρ (not step t+1's) and r1 = ρ_t ‖g(θ_a)‖."""
+    args = train_args(tmp_path, gam_mode="gam_fast", gam_rho_schedule="lr_proportional", lr_scheduler_type="linear",
+                      gradient_accumulation_steps=1, per_device_train_batch_size=16, max_steps=3)
+    trainer = GAMTrainer(model=tiny_model(dtype=torch.float32), args=args, train_dataset=tiny_data(dtype=torch.float32))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        rho = args.gam_hyper(args.learning_rate * (1 - (h["step"] - 1) / 3)).rho
+        assert h["gam/rho"] == pytest.approx(rho, rel=1e-9)
+        assert h["gam/r1"] == pytest.approx(rho * h["gam/ascent_grad_norm"], rel=1e-6)
+    assert len({h["gam/rho"] for h in logs}) == 3
+
+
+def test_gam_logs_averaged_over_processes(tmp_path, monkeypatch):
+    """One all-reduce of [Σ, count] per figure per log: the logged value is the mean over every micro-batch of
+    every process (faked here: a second process that recorded 2 micro-batches with grad_norm summing to 8 and one
+    ascent_grad_norm of 5, which this process never recorded)."""
+    import types
+
+    import hf_gam.trainer as trainer_module
+
+    calls = []
+
+    def all_reduce(t, op=None):
+        calls.append(t.clone())
+        t += torch.tensor([8.0, 2.0, 5.0, 1.0, 0.0, 0.0], dtype=t.dtype)
+
+    fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                                 all_reduce=all_reduce, ReduceOp=torch.distributed.ReduceOp)
+    monkeypatch.setattr(trainer_module, "dist", fake)
+    trainer = GAMTrainer(model=tiny_model(), args=train_args(tmp_path, gam_mode="sam"))
+    trainer._gam_metrics["gam/grad_norm"] += [torch.tensor(1.0), torch.tensor(3.0)]
+    trainer.log({"loss": 1.0})
+    trainer.log({"eval_loss": 1.0})  # evaluation logs: no collective (not every process writes them)
+    assert len(calls) == 1
+    logged = trainer.state.log_history[0]
+    assert logged["gam/grad_norm"] == pytest.approx((1 + 3 + 8) / 4)
+    assert logged["gam/ascent_grad_norm"] == pytest.approx(5.0) and "gam/r1" not in logged

@@ -25,8 +25,9 @@ for mode, perturbation, *every in cases:
                     max_steps=1 if every == 1 else 3, **HP)
     trainer = Recorder(model=model, args=args, train_dataset=tiny_data())
     trainer.train()
-    results[":".join([mode, perturbation] + ([str(every)] if every > 1 else []))] = {"theta0": theta0, "theta1": flat_params(trainer.model), "seen": trainer.seen,
-                                  "world": trainer.accelerator.num_processes}
+    key = ":".join([mode, perturbation] + ([str(every)] if every > 1 else []))
+    results[key] = {"theta0": theta0, "theta1": flat_params(trainer.model), "seen": trainer.seen,
+                    "world": trainer.accelerator.num_processes, "logs": trainer.state.log_history}
 torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 dist.barrier()
 dist.destroy_process_group()  # end the group: exiting with gloo threads alive can SIGABRT
