@@ -116,17 +116,17 @@ class GAMConfig(TrainingArguments):
         default=0.5, metadata={"help": "Lower end of the lr_proportional ρ schedule, as a fraction of each ρ."}
     )
 
-    def gam_hyper(self, lr: float | None = None) -> GAMHyper:
+    def gam_hyper(self, lr: float | None = None, peak_lr: float | None = None) -> GAMHyper:
         """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate
-        ``lr``: ``ρ_t = ρ (r + (1 - r) clip(lr / learning_rate, 0, 1))``, ``r = gam_rho_min_ratio``."""
-        scale = 1.0
-        if self.gam_rho_schedule == "lr_proportional" and lr is not None and self.learning_rate > 0:
-            r = self.gam_rho_min_ratio
-            scale = r + (1.0 - r) * min(max(lr / self.learning_rate, 0.0), 1.0)
-        return GAMHyper(mode=self.gam_mode, rho=self.gam_rho * scale, alpha=self.gam_alpha,
-                        sam_rho=self.sam_rho * scale, rho_prime=self.gam_rho_prime * scale, beta=self.gam_beta,
-                        gamma=self.gam_gamma, eps=self.gam_eps, variant=self.gam_fast_variant,
-                        adaptive=self.gam_adaptive)
+        ``lr`` (:meth:`GAMHyper.at_learning_rate`): ``ρ_t = ρ (r + (1 - r) clip(lr / peak_lr, 0, 1))``,
+        ``r = gam_rho_min_ratio``, ``peak_lr`` the optimizer's initial learning rate (default ``learning_rate``)."""
+        hyper = GAMHyper(mode=self.gam_mode, rho=self.gam_rho, alpha=self.gam_alpha, sam_rho=self.sam_rho,
+                         rho_prime=self.gam_rho_prime, beta=self.gam_beta, gamma=self.gam_gamma, eps=self.gam_eps,
+                         variant=self.gam_fast_variant, adaptive=self.gam_adaptive)
+        if self.gam_rho_schedule != "lr_proportional" or lr is None:
+            return hyper
+        peak = self.learning_rate if peak_lr is None else peak_lr
+        return hyper.at_learning_rate(lr, peak, self.gam_rho_min_ratio)
 
     def __post_init__(self):
         self._validate_gam()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -85,6 +85,14 @@ class GAMHyper:
         """``mode``'s hyper-parameters: its defaults (``MODES[mode].defaults`` and the fields' own), then
         ``overrides`` (``None`` values are ignored, so ``for_mode(m, rho=args.rho)`` works with an unset flag)."""
         return cls(mode=mode, **{k: v for k, v in overrides.items() if v is not None})
+
+    def at_learning_rate(self, lr: float, peak_lr: float, min_ratio: float) -> GAMHyper:
+        """The ``lr_proportional`` schedule (the released code's proportional scheduler): every radius (ρ, ρs, ρ')
+        times ``r + (1 - r) clip(lr / peak_lr, 0, 1)``, ``r = min_ratio``; unchanged when ``peak_lr <= 0``."""
+        if peak_lr <= 0:
+            return self
+        scale = min_ratio + (1.0 - min_ratio) * min(max(lr / peak_lr, 0.0), 1.0)
+        return replace(self, rho=self.rho * scale, sam_rho=self.sam_rho * scale, rho_prime=self.rho_prime * scale)
 
 
 class _Unit:

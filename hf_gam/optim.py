@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -207,22 +206,16 @@ class GAM(Optimizer):
 
     def current_hyper(self) -> GAMHyper:
         """This step's hyper-parameters: the mode's, or ``none`` on steps skipped by ``every``; under
-        ``lr_proportional`` the radii at the base optimizer's current learning rate (``GAMConfig.gam_hyper``'s
-        rule, called on a view of this optimizer's settings)."""
+        ``lr_proportional`` the radii at the base optimizer's current learning rate
+        (:meth:`GAMHyper.at_learning_rate`, the Trainer's rule)."""
         h = self.hyper
         if h.mode == "none" or self.step_count % self.every != 0:
             return dataclasses.replace(h, mode="none")
         if self.rho_schedule == "constant":
             return h
-        from .config import GAMConfig
-
         group = self.param_groups[0]
-        view = SimpleNamespace(gam_mode=h.mode, gam_rho=h.rho, gam_alpha=h.alpha, sam_rho=h.sam_rho,
-                               gam_rho_prime=h.rho_prime, gam_beta=h.beta, gam_gamma=h.gamma, gam_eps=h.eps,
-                               gam_fast_variant=h.variant, gam_adaptive=h.adaptive, gam_rho_schedule=self.rho_schedule,
-                               gam_rho_min_ratio=self.rho_min_ratio,
-                               learning_rate=float(group.get("initial_lr", self.peak_lr)))
-        return GAMConfig.gam_hyper(view, float(group["lr"]))
+        return h.at_learning_rate(float(group["lr"]), float(group.get("initial_lr", self.peak_lr)),
+                                  self.rho_min_ratio)
 
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]

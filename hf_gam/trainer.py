@@ -203,7 +203,10 @@ class GAMTrainer(Trainer):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
         if self.args.gam_rho_schedule == "constant" or self.lr_scheduler is None:
             return self.args.gam_hyper()
-        return self.args.gam_hyper(self._get_learning_rate())
+        # the peak is the optimizer's own initial lr (set by the scheduler): it differs from args.learning_rate
+        # when optimizer_cls_and_kwargs or a ready optimizer sets another one
+        peak = self.optimizer.param_groups[0].get("initial_lr", self.args.learning_rate)
+        return self.args.gam_hyper(self._get_learning_rate(), peak_lr=float(peak))
 
     def _loss_scale(self) -> float | None:
         """The fp16 GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None``."""
