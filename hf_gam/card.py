@@ -188,7 +188,7 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
 
     results = {k: v for k, v in (results or {}).items() if _is_result(k)}
     extra = {**dict(extra or {}), "label noise": _noise_text(label_noise)}
-    mode = getattr(args, "gam_mode", "gam")
+    mode = getattr(args, "gam_mode", "none")  # plain TrainingArguments: a plain Trainer run
     spec = MODES.get(mode)
     every = max(1, int(getattr(args, "gam_every", 1) or 1))
     passes = (spec.passes + every - 1) / every if spec else 1
