@@ -4,29 +4,13 @@ license, language, tags, base model (Hub ids only), datasets, model-index result
 from __future__ import annotations
 
 import numpy as np
-import torch
-from _tiny import TensorDataset
 from huggingface_hub import ModelCard
-from transformers import ViTConfig, ViTForImageClassification
+from testing_utils import image_data, tiny_vit
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.card import is_hub_id, render_model_card
 
 HUB_BASE = "google/vit-base-patch16-224-in21k"
-
-
-def tiny_vit(name_or_path=None):
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                                num_attention_heads=2, intermediate_size=32, num_labels=3))
-    if name_or_path:  # as from_pretrained(name_or_path) sets it
-        model.config._name_or_path = model.name_or_path = str(name_or_path)
-    return model
-
-
-def image_data(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 3, (n,), generator=g))
 
 
 def accuracy(pred):
@@ -44,7 +28,7 @@ def trained(tmp_path, model, **kw):
 
 
 def test_card_metadata_parses_back(tmp_path):
-    trainer = trained(tmp_path, tiny_vit(HUB_BASE))
+    trainer = trained(tmp_path, tiny_vit(name_or_path=HUB_BASE))
     trainer.create_model_card(license="apache-2.0", language="en", tags=["my-tag"], dataset="uoft-cs/cifar10",
                               dataset_tags="uoft-cs/cifar10", dataset_args="plain_text")
     card = ModelCard.load(tmp_path / "README.md")
@@ -70,7 +54,7 @@ def test_card_metadata_parses_back(tmp_path):
 def test_local_base_model_is_not_a_hub_link(tmp_path):
     local = tmp_path / "my-checkpoints" / "vit"
     local.mkdir(parents=True)
-    trainer = trained(tmp_path / "out", tiny_vit(local))
+    trainer = trained(tmp_path / "out", tiny_vit(name_or_path=local))
     trainer.create_model_card(dataset="my local images")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.base_model is None and card.data.datasets is None and card.data.eval_results is None

@@ -7,51 +7,24 @@ the model's own conversion mapping (as ``from_pretrained`` does) and refuses any
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import safetensors.torch
 import torch
-from transformers import (EfficientNetConfig, EfficientNetForImageClassification, SwinConfig,
-                          SwinForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification,
-                          ViTConfig, ViTForImageClassification)
+from testing_utils import TIMM_VIT_16PX, image_data, tiny_efficientnet, tiny_swin, tiny_timm, tiny_vit
+from transformers import ViTForImageClassification
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.checkpoints import CheckpointMismatchError  # noqa: E402
-
-from _tiny import TensorDataset
 
 SLOW = pytest.mark.slow
 SGD_MOMENTUM = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})  # the kwargs must carry lr (else SGD's 1e-3)
 
 
-def tiny_vit():
-    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=32, num_labels=3))
-
-
-def tiny_swin():
-    return SwinForImageClassification(SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1],
-                                                 num_heads=[1, 2], window_size=2, num_labels=3))
-
-
-def tiny_efficientnet():
-    return EfficientNetForImageClassification(EfficientNetConfig(
-        image_size=16, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, num_labels=3))
-
-
-def tiny_timm():
-    return TimmWrapperForImageClassification(TimmWrapperConfig(
-        architecture="test_vit", num_labels=3, model_args={"img_size": 16, "patch_size": 8, "depth": 1}))
-
-
 def build(factory, seed):
     torch.manual_seed(seed)
     return factory()
-
-
-def image_data(n=16, seed=1, size=16):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
 
 
 def args(out, **kw):
@@ -74,13 +47,13 @@ def assert_same_state(expected, model):
 
 
 def resume_matches_uninterrupted(tmp_path, factory, size=16, first=None):
-    first = build(factory, 0) if first is None else first
-    full = GAMTrainer(model=first, args=args(tmp_path / "full"), train_dataset=image_data(size=size),
+    first = factory(seed=0) if first is None else first
+    full = GAMTrainer(model=first, args=args(tmp_path / "full"), train_dataset=image_data(16, size=size),
                       optimizer_cls_and_kwargs=SGD_MOMENTUM)
     full.train()
     assert full.state.global_step == 4 and full.gam_counters is not None
-    resumed = GAMTrainer(model=build(factory, 123), args=args(tmp_path / "resumed"),
-                         train_dataset=image_data(size=size), optimizer_cls_and_kwargs=SGD_MOMENTUM)
+    resumed = GAMTrainer(model=factory(seed=123), args=args(tmp_path / "resumed"),
+                         train_dataset=image_data(16, size=size), optimizer_cls_and_kwargs=SGD_MOMENTUM)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert_same_state(state_of(full.model), resumed.model)
 
@@ -92,7 +65,7 @@ def test_vit_resume_is_bit_exact(tmp_path, tiny_vit_dir):
 
 @pytest.mark.parametrize("factory, size", [  # EfficientNet and timm keep their key names: regression coverage
     pytest.param(tiny_swin, 16, id="swin"), pytest.param(tiny_efficientnet, 32, id="efficientnet", marks=SLOW),
-    pytest.param(tiny_timm, 16, id="timm", marks=SLOW)])
+    pytest.param(partial(tiny_timm, model_args=TIMM_VIT_16PX), 16, id="timm", marks=SLOW)])
 def test_resume_is_bit_exact(tmp_path, factory, size):
     resume_matches_uninterrupted(tmp_path, factory, size)
 
@@ -100,10 +73,10 @@ def test_resume_is_bit_exact(tmp_path, factory, size):
 def test_best_model_reload_equals_the_best_checkpoint(tmp_path):
     scores = iter([1.0, 0.0])
     trainer = GAMTrainer(
-        model=build(tiny_vit, 0),
+        model=tiny_vit(seed=0),
         args=args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
                   metric_for_best_model="score", greater_is_better=True),
-        train_dataset=image_data(), eval_dataset=image_data(4, seed=5), optimizer_cls_and_kwargs=SGD_MOMENTUM,
+        train_dataset=image_data(16), eval_dataset=image_data(4, seed=5), optimizer_cls_and_kwargs=SGD_MOMENTUM,
         compute_metrics=lambda _: {"score": next(scores)})
     trainer.train()
     best = tmp_path / "checkpoint-2"
@@ -128,9 +101,9 @@ def tamper(checkpoint, drop=None, add=None):
                                     {"add": "vit.encoder.layer.0.extra.weight"},
                                     {"drop": "classifier.bias", "add": "classifier.bias.bad"}])
 def test_missing_or_unexpected_tensors_are_refused(tmp_path, change):
-    build(tiny_vit, 0).save_pretrained(tmp_path / "ckpt")
+    tiny_vit(seed=0).save_pretrained(tmp_path / "ckpt")
     tamper(tmp_path / "ckpt", **change)
-    trainer = GAMTrainer(model=build(tiny_vit, 1), args=args(tmp_path / "out"), train_dataset=image_data())
+    trainer = GAMTrainer(model=tiny_vit(seed=1), args=args(tmp_path / "out"), train_dataset=image_data(16))
     before = state_of(trainer.model)
     with pytest.raises(CheckpointMismatchError) as err:
         trainer._load_from_checkpoint(str(tmp_path / "ckpt"))
@@ -142,10 +115,10 @@ def test_missing_or_unexpected_tensors_are_refused(tmp_path, change):
 
 
 def test_sharded_checkpoint_is_restored_through_the_conversion(tmp_path):
-    source = build(tiny_vit, 0)
+    source = tiny_vit(seed=0)
     source.save_pretrained(tmp_path / "ckpt", max_shard_size="4KB")
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
-    trainer = GAMTrainer(model=build(tiny_vit, 1), args=args(tmp_path / "out"), train_dataset=image_data())
+    trainer = GAMTrainer(model=tiny_vit(seed=1), args=args(tmp_path / "out"), train_dataset=image_data(16))
     trainer._load_from_checkpoint(str(tmp_path / "ckpt"))
     assert_same_state(state_of(source), trainer.model)
 

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import HUB_LAYOUTS, write_hub_copy
+from testing_utils import HUB_LAYOUTS, write_hub_copy
 
 from hf_gam.card import render_model_card, template_path
 from hf_gam.cli import TRAIN_DEFAULTS, main

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import HUB_LAYOUTS, random_image, write_hub_copy
+from testing_utils import HUB_LAYOUTS, random_image, write_hub_copy, write_readme
 
 from hf_gam.data import (AUGMENTS, DATASETS, DataArguments, DataError, apply_label_noise, build_transforms, collate,
                          load_digits_dataset, load_image_data, split_files, with_transform)
@@ -282,7 +282,6 @@ def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hu
     """The Hub-id path, offline: the dataset card (README with the 9-split `configs:` block of tanganke/stanford_cars)
     names each split's files, and `load_dataset` is asked for train and test only, each alone."""
     import huggingface_hub
-    from conftest import write_readme
     from datasets import load_dataset
 
     import hf_gam.data as data_module

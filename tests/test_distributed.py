@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from _tiny import tiny_model
 from reference import direction, loss_of
-from test_step_numerics import HP, assert_rel, one_step, ref_kwargs, sgd_args
+from testing_utils import HP, assert_rel, one_step, ref_kwargs, sgd_args, tiny_model
 
 HERE = os.path.dirname(__file__)
 CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import HUB_LAYOUTS
+from testing_utils import HUB_LAYOUTS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

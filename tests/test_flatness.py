@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from torch import nn
-from _tiny import LogitsMLP, LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
+from testing_utils import VIT_8PX, LogitsMLP, LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_gam import flatness as FL
@@ -125,7 +125,7 @@ def test_repeated_eigenvalues_are_found_with_multiplicity():
 
 def test_attention_model_matches_explicit_hessian():
     """Exact HVPs through ViT's SDPA attention (math kernel); only q/k/v trainable (requires_grad honoured)."""
-    model, batches = tiny_vit(), vit_batches()
+    model, batches = tiny_vit(**VIT_8PX, dtype=DT), vit_batches()
     for n, p in model.named_parameters():
         p.requires_grad_(any(s in n for s in ("q_proj", "k_proj", "v_proj")))
     assert model.config._attn_implementation == "sdpa"

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from _tiny import LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
+from testing_utils import VIT_8PX, LossMLP, assert_unchanged, snapshot, tiny_vit, vit_batches
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_gam import flatness as FL
@@ -28,7 +28,7 @@ def test_run_flatness_writes_json_and_readable_pngs(tmp_path):
     from PIL import Image
 
     batches = vit_batches(dtype=torch.float32)
-    model, other = tiny_vit(0, torch.float32), tiny_vit(1, torch.float32)
+    model, other = tiny_vit(**VIT_8PX, seed=0), tiny_vit(**VIT_8PX, seed=1)
     snap = snapshot(model)
     result = run_flatness(model, batches, tmp_path, compare_model=other, k=4, max_iter=30, tol=1e-3,
                           num_samples=10, num_steps=2, landscape_resolution=5, name="SGD", compare_name="GAM")

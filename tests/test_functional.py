@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model
 from reference import flat_params, hessian, loss_of
 
 from hf_gam import directions as D

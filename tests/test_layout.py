@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import image_batches, tiny_conv
+from testing_utils import image_data, tiny_conv
 
 from hf_gam import GAMConfig, GAMTrainer
 
@@ -26,7 +26,7 @@ def run(tmp_path, mode, memory_format=torch.contiguous_format, dtype=torch.float
     args = GAMConfig(output_dir=str(tmp_path), gam_mode=mode, optim="adamw_torch_fused", learning_rate=0.05,
                      per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=3, report_to="none",
                      use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0, **kw)
-    trainer = GAMTrainer(model=model, args=args, train_dataset=image_batches(n=32, dtype=dtype),
+    trainer = GAMTrainer(model=model, args=args, train_dataset=image_data(32, size=6, dtype=dtype),
                          data_collator=collator(memory_format))
     trainer.train()
     return [p.detach().clone() for p in model.parameters()], trainer
@@ -71,7 +71,7 @@ def test_regional_compilation_refused_for_exact_modes(tmp_path, monkeypatch):
 
     def make(mode):
         args = GAMConfig(output_dir=str(tmp_path), gam_mode=mode, torch_compile=True, use_cpu=True, report_to="none")
-        return GAMTrainer(model=tiny_conv(), args=args, train_dataset=image_batches())
+        return GAMTrainer(model=tiny_conv(), args=args, train_dataset=image_data(16, size=6, dtype=torch.float64))
 
     with pytest.raises(ValueError, match=r"torch_compile.*gam_mode='gam'.*gam_fast"):
         make("gam")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model
 from reference import direction, flat_params, loss_of
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model
 from reference import flat_params, grad, loss_of
 from transformers import Trainer
 

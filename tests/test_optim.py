@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model
 from reference import direction, flat_params, loss_of
 
 from hf_gam import GAMConfig, GAMTrainer

@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from _tiny import TensorDataset
 from huggingface_hub import ModelCard
-from transformers import ViTConfig, ViTForImageClassification
+from testing_utils import image_data, tiny_vit
 
 from hf_gam import GAMConfig, GAMTrainer
 
@@ -19,23 +18,14 @@ HUB_BASE = "google/vit-base-patch16-224-in21k"
 MODES = ["none", "sam", "gnp", "gam", "gam_sam", "gam_fast"]
 
 
-def tiny_vit():
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                                num_attention_heads=2, intermediate_size=32, num_labels=3))
-    model.config._name_or_path = model.name_or_path = HUB_BASE  # as from_pretrained(HUB_BASE) sets it
-    return model
+def base_vit():
+    return tiny_vit(name_or_path=HUB_BASE)  # as from_pretrained(HUB_BASE) names it
 
 
 def lora_vit():
     # transformers 5 module names (ViT's attention is q_proj / k_proj / v_proj / o_proj since the rename)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
-    return peft.get_peft_model(tiny_vit(), config)
-
-
-def image_data(n=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return peft.get_peft_model(base_vit(), config)
 
 
 def train_lora(tmp_path, mode, **kw):
@@ -44,7 +34,7 @@ def train_lora(tmp_path, mode, **kw):
     args = GAMConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=0.1,
                      optim="sgd", gam_mode=mode, report_to="none", use_cpu=True, disable_tqdm=True,
                      save_strategy="no", **kw)
-    trainer = GAMTrainer(model=model, args=args, train_dataset=image_data())
+    trainer = GAMTrainer(model=model, args=args, train_dataset=image_data(12))
     trainer.train()
     return trainer, before
 
@@ -66,7 +56,7 @@ def test_lora_trains_only_the_adapter_and_saves_only_it(tmp_path, mode):
     files = set(os.listdir(tmp_path))
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
     assert not files & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "config.json"}
-    reloaded = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path))  # the adapter alone restores the model
+    reloaded = peft.PeftModel.from_pretrained(base_vit(), str(tmp_path))  # the adapter alone restores the model
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, after[key]), key
 
@@ -107,12 +97,12 @@ def test_lora_best_model_reload_equals_the_best_checkpoint(tmp_path):
                      optim="sgd", gam_mode="gam_fast", report_to="none", use_cpu=True, disable_tqdm=True,
                      save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
                      load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True)
-    trainer = GAMTrainer(model=lora_vit(), args=args, train_dataset=image_data(16), eval_dataset=image_data(4, 2),
+    trainer = GAMTrainer(model=lora_vit(), args=args, train_dataset=image_data(16), eval_dataset=image_data(4, seed=2),
                          compute_metrics=lambda _: {"score": next(scores)})
     trainer.train()
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
-    best = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "checkpoint-2")).state_dict()
-    last = peft.PeftModel.from_pretrained(tiny_vit(), str(tmp_path / "checkpoint-4")).state_dict()
+    best = peft.PeftModel.from_pretrained(base_vit(), str(tmp_path / "checkpoint-2")).state_dict()
+    last = peft.PeftModel.from_pretrained(base_vit(), str(tmp_path / "checkpoint-4")).state_dict()
     assert any(not torch.equal(best[k], last[k]) for k in best)
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, best[key]), key

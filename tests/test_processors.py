@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_readme
+from testing_utils import HUB_LAYOUTS, tiny_efficientnet, write_hub_copy, write_readme
 
 from hf_gam.data import DataArguments, build_transforms, collate, load_image_data, with_transform
 
@@ -181,17 +181,14 @@ def test_train_augmentation_hands_over_to_the_same_normalization(name, tmp_path)
 def test_train_evaluates_exactly_what_auto_image_processor_produces(tmp_path, tiny_train_flags):
     """Acceptance: `hf-gam train --model <local EfficientNet with include_top: true>` reports the eval loss of the
     saved model on ``AutoImageProcessor(images)`` (the re-derived pipeline it replaced was 2.09x off in scale)."""
-    from conftest import HUB_LAYOUTS, write_hub_copy
     from datasets import load_dataset
-    from transformers import AutoModelForImageClassification, EfficientNetConfig, EfficientNetForImageClassification
+    from transformers import AutoModelForImageClassification
 
     from hf_gam.cli import main
 
     model_dir = tmp_path / "effnet"
-    torch.manual_seed(0)
-    model = EfficientNetForImageClassification(EfficientNetConfig(
-        image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128,
-        id2label=dict(enumerate(HUB_LAYOUTS["cars"]["names"]))))  # the head is kept: same classes
+    names = HUB_LAYOUTS["cars"]["names"]  # the head is kept: same classes
+    model = tiny_efficientnet(image_size=32, num_labels=len(names), id2label=dict(enumerate(names)))
     with torch.no_grad():  # transformers' init (normal, std 0.02, BatchNorm scales included) makes a constant
         for module in model.modules():  # function of a model this small: use He init, so the loss sees the inputs
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):

@@ -9,10 +9,21 @@ import os
 
 import pytest
 import torch
-from _tiny import tiny_data, tiny_model
 from reference import direction, flat_params, loss_of
-from test_step_numerics import HP, Recorder, assert_rel, one_step, ref_kwargs, sgd_args
-from test_trainer import ALL_MODES, image_data, params_of, tiny_vit
+from testing_utils import (
+    ALL_MODES,
+    HP,
+    Recorder,
+    assert_rel,
+    image_data,
+    one_step,
+    params_of,
+    ref_kwargs,
+    sgd_args,
+    tiny_data,
+    tiny_model,
+    tiny_vit,
+)
 from transformers import TrainerCallback
 
 from hf_gam import GAMConfig, GAMTrainer
@@ -20,11 +31,11 @@ from hf_gam import GAMConfig, GAMTrainer
 
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_bf16_every_mode(tmp_path, mode):
-    model = tiny_vit()
+    model = tiny_vit(image_size=32)
     before = params_of(model)
     args = GAMConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True, gam_mode=mode, max_steps=1,
                      per_device_train_batch_size=4, report_to="none", save_strategy="no", disable_tqdm=True)
-    trainer = GAMTrainer(model=model, args=args, train_dataset=image_data(4))
+    trainer = GAMTrainer(model=model, args=args, train_dataset=image_data(4, size=32))
     trainer.train()
     after = params_of(model)
     assert all(torch.isfinite(p).all() for p in after)

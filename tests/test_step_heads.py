@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import HEADS, head_model_and_data
+from testing_utils import HEADS, head_model_and_data
 from reference import flat_params
 from transformers import Trainer, TrainingArguments
 

@@ -4,49 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny import tiny_data, tiny_model
-from reference import direction, flat_params, loss_of
-
-from hf_gam import GAMConfig, GAMTrainer
-
-HP = dict(gam_rho=0.3, gam_alpha=0.4, gam_rho_prime=0.1, gam_beta=0.3, gam_gamma=0.5)
-
-
-def sgd_args(tmp_path, **kw):
-    """SGD with lr 1, no momentum, no weight decay, no clipping: the step moves θ by exactly -d."""
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=1, learning_rate=1.0, optim="sgd",
-                lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none", use_cpu=True,
-                save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
-    base.update(kw)
-    return GAMConfig(**base)
-
-
-def ref_kwargs(args):
-    return dict(rho=args.gam_rho, alpha=args.gam_alpha, sam_rho=args.sam_rho, rho_prime=args.gam_rho_prime,
-                beta=args.gam_beta, gamma=args.gam_gamma, xi=args.gam_eps, variant=args.gam_fast_variant,
-                adaptive=args.gam_adaptive)
-
-
-class Recorder(GAMTrainer):
-    """Keeps the micro-batches the Trainer fed to ``training_step`` (so references use exactly those)."""
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen = getattr(self, "seen", []) + [dict(inputs)]
-        return super().training_step(model, inputs, num_items_in_batch)
-
-
-def one_step(tmp_path, model=None, data=None, **kw):
-    model = model or tiny_model()
-    theta0 = flat_params(model)
-    args = sgd_args(tmp_path, **kw)
-    trainer = Recorder(model=model, args=args, train_dataset=data or tiny_data())
-    trainer.train()
-    return trainer, theta0, flat_params(model)
-
-
-def assert_rel(actual, expected, tol=1e-6):
-    err = (actual - expected).norm() / expected.norm()
-    assert err < tol, f"relative error {err:.3e}"
+from reference import direction, loss_of
+from testing_utils import HP, assert_rel, one_step, ref_kwargs, tiny_data
 
 
 CASES = [

@@ -3,63 +3,32 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
-from _tiny import TensorDataset, tiny_data, tiny_model
-from test_step_numerics import HP, sgd_args
-from transformers import (
-    EfficientNetConfig,
-    EfficientNetForImageClassification,
-    SwinConfig,
-    SwinForImageClassification,
-    TimmWrapperConfig,
-    TimmWrapperForImageClassification,
-    Trainer,
-    TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
+from testing_utils import (
+    ALL_MODES,
+    HP,
+    image_data,
+    params_of,
+    sgd_args,
+    tiny_data,
+    tiny_efficientnet,
+    tiny_model,
+    tiny_swin,
+    tiny_timm,
+    tiny_vit,
 )
+from transformers import Trainer, TrainingArguments
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.directions import MODES
 
-ALL_MODES = list(MODES)
-
-
-def tiny_vit(seed=0):
-    torch.manual_seed(seed)
-    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                               num_attention_heads=2, intermediate_size=32, num_labels=3))
-
-
-def tiny_swin(seed=0):
-    torch.manual_seed(seed)
-    return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
-                                                 num_heads=[1, 2], window_size=2, num_labels=3))
-
-
-def tiny_efficientnet(seed=0):
-    torch.manual_seed(seed)
-    return EfficientNetForImageClassification(EfficientNetConfig(
-        image_size=32, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, num_labels=3))
-
-
-def tiny_timm(seed=0):
-    torch.manual_seed(seed)
-    return TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_efficientnet", num_labels=3))
-
-
-FAMILIES = {"vit": tiny_vit, "swin": tiny_swin, "efficientnet": tiny_efficientnet, "timm": tiny_timm}
-
-
-def image_data(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g))
-
-
-def params_of(model):
-    return [p.detach().clone() for p in model.parameters()]
+# the real families at 32 px
+FAMILIES = {"vit": partial(tiny_vit, image_size=32), "swin": partial(tiny_swin, image_size=32),
+            "efficientnet": partial(tiny_efficientnet, image_size=32),
+            "timm": partial(tiny_timm, "test_efficientnet")}
 
 
 def bn_buffers(model):
@@ -74,9 +43,9 @@ def train_args(tmp_path, cls=GAMConfig, **kw):
     return cls(**base)
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_model(dtype=torch.float32), tiny_vit], ids=["mlp", "vit"])
+@pytest.mark.parametrize("make", [lambda: tiny_model(dtype=torch.float32), FAMILIES["vit"]], ids=["mlp", "vit"])
 def test_none_is_trainer_bit_for_bit(tmp_path, make):
-    data = tiny_data(dtype=torch.float32) if make().config.model_type.startswith("hf-gam") else image_data(16)
+    data = tiny_data(dtype=torch.float32) if make().config.model_type.startswith("hf-gam") else image_data(16, size=32)
     ref_model, gam_model = make(), make()
     ref = Trainer(model=ref_model, args=train_args(tmp_path / "r", TrainingArguments), train_dataset=data)
     gam = GAMTrainer(model=gam_model, args=train_args(tmp_path / "g", gam_mode="none"), train_dataset=data)
@@ -94,7 +63,8 @@ def test_one_step_every_family_and_mode(tmp_path, family, mode):
     model = FAMILIES[family]()
     before = params_of(model)
     trainer = GAMTrainer(model=model, args=train_args(tmp_path, gam_mode=mode, max_steps=1,
-                                                      gradient_accumulation_steps=1), train_dataset=image_data(4))
+                                                      gradient_accumulation_steps=1),
+                         train_dataset=image_data(4, size=32))
     trainer.train()
     after = params_of(model)
     assert all(torch.isfinite(p).all() for p in after)
@@ -107,8 +77,8 @@ def test_one_step_every_family_and_mode(tmp_path, family, mode):
 def test_efficientnet_loss_normalized_like_every_model(tmp_path):
     """EfficientNet's own loss ignores num_items_in_batch (so the stock Trainer's gradients are 2x under
     accumulation 2); GAMTrainer's loss is sum / num_items_in_batch for it as for ViT."""
-    model = tiny_efficientnet().eval()  # running statistics: the same logits in every call
-    batch = {"pixel_values": image_data(4).x, "labels": image_data(4).y}
+    model = FAMILIES["efficientnet"]().eval()  # running statistics: the same logits in every call
+    batch = {"pixel_values": image_data(4, size=32).x, "labels": image_data(4, size=32).y}
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(model(pixel_values=batch["pixel_values"]).logits,
                                                      batch["labels"], reduction="sum") / 8
@@ -164,14 +134,15 @@ def test_bn_statistics_come_from_clean_pass_only(tmp_path, mode):
 
 
 def test_logs_and_flops(tmp_path):
-    trainer = GAMTrainer(model=tiny_vit(), args=train_args(tmp_path, gam_mode="gam", max_steps=2, gam_every=2),
-                         train_dataset=image_data(16))
+    trainer = GAMTrainer(model=tiny_vit(image_size=32),
+                         args=train_args(tmp_path, gam_mode="gam", max_steps=2, gam_every=2),
+                         train_dataset=image_data(16, size=32))
     trainer.train()
     first, second = [h for h in trainer.state.log_history if "loss" in h][:2]
     assert {"gam/grad_norm", "gam/ascent_grad_norm", "gam/r1"} <= set(first)
     assert first["gam/r1"] == pytest.approx(trainer.args.gam_rho * first["gam/ascent_grad_norm"], rel=1e-6)
     assert "gam/grad_norm" not in second  # step 1 is a plain step under gam_every=2
-    batch = {"pixel_values": image_data(4).x, "labels": image_data(4).y}
+    batch = {"pixel_values": image_data(4, size=32).x, "labels": image_data(4, size=32).y}
     plain = Trainer.floating_point_ops(trainer, batch)
     trainer.state.global_step = 0
     assert trainer.floating_point_ops(batch) == MODES["gam"].passes * plain
@@ -235,18 +206,19 @@ def test_gradient_checkpointing_non_reentrant_matches_plain(tmp_path, mode):
     """Activation checkpointing (transformers' non-reentrant default) gives the same step as without it."""
     results = []
     for ckpt in (False, True):
-        model = tiny_vit()
+        model = tiny_vit(image_size=32)
         GAMTrainer(model=model, args=train_args(tmp_path / str(ckpt), gam_mode=mode, max_steps=1,
                                                 gradient_accumulation_steps=1, gradient_checkpointing=ckpt),
-                   train_dataset=image_data(4)).train()
+                   train_dataset=image_data(4, size=32)).train()
         results.append(params_of(model))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_create_model_card_is_the_gam_card(tmp_path):
-    trainer = GAMTrainer(model=tiny_vit(), args=train_args(tmp_path, gam_mode="gam_fast", max_steps=1,
-                                                           gam_every=10), train_dataset=image_data(8))
+    trainer = GAMTrainer(model=tiny_vit(image_size=32), args=train_args(tmp_path, gam_mode="gam_fast", max_steps=1,
+                                                                        gam_every=10),
+                         train_dataset=image_data(8, size=32))
     trainer.train()
     trainer.create_model_card(dataset="uoft-cs/cifar10", results={"eval_accuracy": 0.5})
     card = (tmp_path / "README.md").read_text()

@@ -8,8 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _tiny import tiny_data, tiny_model  # noqa: E402
-from test_step_numerics import HP, Recorder, sgd_args  # noqa: E402
+from testing_utils import HP, Recorder, sgd_args, tiny_data, tiny_model  # noqa: E402
 from reference import flat_params  # noqa: E402
 
 out_dir = sys.argv[1]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from _tiny import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model
 from reference import flat_params
 
 from hf_gam.optim import GAM
