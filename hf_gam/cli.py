@@ -328,22 +328,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
-        return commands[command](rest)
+        status = commands[command](rest)
     except SystemExit as exit_:  # argparse: --help (0) or a bad flag (2, message already printed)
-        return exit_.code if isinstance(exit_.code, int) else 2
-    finally:
-        end_process_group()
+        status = exit_.code if isinstance(exit_.code, int) else 2
+    except BaseException:
+        end_process_group(wait=False)  # the other processes may be inside a collective: do not wait for them
+        raise
+    end_process_group(wait=True)
+    return status
 
 
-def end_process_group() -> None:
-    """Under torchrun / accelerate launch: wait for every process, then end the process group. A process that exits
-    with gloo's threads still alive can die in C++ teardown (SIGABRT, "terminate called without an active
+def end_process_group(wait: bool = True) -> None:
+    """Under torchrun / accelerate launch: wait for every process (``wait``), then end the process group. A process
+    that exits with gloo's threads still alive can die in C++ teardown (SIGABRT, "terminate called without an active
     exception"), most often on a busy machine."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if wait:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

@@ -168,6 +168,31 @@ def test_push_without_token_fails_early(tmp_path, capsys, monkeypatch):
     _fails(["--push_to_hub", "true"], tmp_path / "o", capsys, "push_to_hub", "no Hugging Face token")
 
 
+def test_main_ends_the_process_group(tmp_path, monkeypatch):
+    """Under torchrun every process ends its process group before it exits (a process that exits with gloo's
+    threads alive can SIGABRT on a busy machine): after a run that returns, and after one that raises."""
+    import torch.distributed as dist
+
+    import hf_gam.cli as cli
+
+    def crash(argv):
+        raise RuntimeError("boom")
+
+    for i in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{i}", rank=0, world_size=1)
+        try:
+            if i == 0:
+                assert main(["train", "--dataset", "nope"]) == 2
+            else:
+                monkeypatch.setattr(cli, "train_main", crash)
+                with pytest.raises(RuntimeError, match="boom"):
+                    main(["train"])
+            assert not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def test_console_script_exit_status(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # the checkout under test
     proc = subprocess.run([sys.executable, "-m", "hf_gam", "train", "--dataset", "nope"], capture_output=True,

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from transformers import HfArgumentParser
 
-from hf_gam import GAMConfig
+from hf_gam import GAMConfig, GAMHyper
 
 FLAGS = {
     "gam_mode": ("gam_fast", "gam_fast"),
@@ -104,6 +104,18 @@ def test_lr_proportional_radii():
     assert half.rho == pytest.approx(0.15) and half.rho_prime == pytest.approx(0.015)
     assert zero.rho == pytest.approx(0.1) and zero.alpha == peak.alpha
     assert parse(["--gam_mode", "gam"]).gam_hyper(0.0).rho == 0.04  # constant schedule ignores lr
+
+
+def test_at_learning_rate_is_the_schedule_rule():
+    """GAMHyper.at_learning_rate is the one lr_proportional rule (the config and the optimizer wrapper call it)."""
+    h = GAMHyper.for_mode("gam_fast", sam_rho=0.3)
+    half = h.at_learning_rate(0.05, 0.1, 0.5)
+    assert (half.rho, half.sam_rho, half.rho_prime) == pytest.approx((0.15, 0.225, 0.015))
+    assert (half.alpha, half.beta, half.gamma) == (h.alpha, h.beta, h.gamma)
+    assert h.at_learning_rate(0.3, 0.1, 0.5) == h  # clipped at the peak
+    assert h.at_learning_rate(0.0, 0.0, 0.5) == h  # no peak: unchanged
+    cfg = GAMConfig(output_dir="unused", gam_mode="gam_fast", gam_rho_schedule="lr_proportional", learning_rate=1.0)
+    assert cfg.gam_hyper(0.05, peak_lr=0.2).rho == pytest.approx(0.2 * (0.5 + 0.5 * 0.25))
 
 
 def test_reentrant_checkpointing_refused(tmp_path):

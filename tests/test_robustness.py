@@ -137,7 +137,7 @@ def resume_args(tmp_path, **kw):
 
 
 def test_resume_reproduces_the_run_bit_for_bit(tmp_path):
-    sgd = (torch.optim.SGD, {"momentum": 0.9})
+    sgd = (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9})  # the kwargs must carry lr (else SGD's 1e-3)
     full = GAMTrainer(model=tiny_model(), args=resume_args(tmp_path / "full"), train_dataset=tiny_data(32),
                       optimizer_cls_and_kwargs=sgd)
     full.train()

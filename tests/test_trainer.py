@@ -243,6 +243,19 @@ def test_logged_rho_and_r1_are_those_of_the_step(tmp_path):
     assert len({h["gam/rho"] for h in logs}) == 3
 
 
+def test_rho_schedule_peak_is_the_optimizers_initial_lr(tmp_path):
+    """optimizer_cls_and_kwargs sets its own lr (0.25) while args.learning_rate is 1.0, constant schedule: the
+    optimizer runs at its peak all along, so every step's ρ is the full gam_rho (lr / args.learning_rate would give
+    ρ (r + (1 - r) / 4))."""
+    args = train_args(tmp_path, gam_mode="gam_fast", gam_rho_schedule="lr_proportional", lr_scheduler_type="constant",
+                      learning_rate=1.0, gradient_accumulation_steps=1, per_device_train_batch_size=16, max_steps=2)
+    trainer = GAMTrainer(model=tiny_model(dtype=torch.float32), args=args, train_dataset=tiny_data(dtype=torch.float32),
+                         optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.25}))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["gam/rho"] == pytest.approx(args.gam_rho, rel=1e-12) for h in logs)
+
+
 def test_gam_logs_averaged_over_processes(tmp_path, monkeypatch):
     """One all-reduce of [Σ, count] per figure per log: the logged value is the mean over every micro-batch of
     every process (faked here: a second process that recorded 2 micro-batches with grad_norm summing to 8 and one
