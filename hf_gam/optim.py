@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .directions import MODES, GAMHyper
-from .passes import WindowOracle, all_reduce_, run_passes
+from .passes import WindowOracle, all_reduce_, reached_on_any_process, run_passes
 
 __all__ = ["GAM", "SAM"]
 
@@ -79,15 +79,13 @@ class _ClosureOracle(WindowOracle):
             raise ValueError(f"GAM.step: mode {self.mode!r} takes exact Hessian-vector products and the closure ran "
                              "loss.backward() without create_graph=True; return the loss (with its graph) from the "
                              "closure instead of calling backward, or call loss.backward(create_graph=True)")
-        g = tuple(torch.zeros_like(p) if x is None else (x if create_graph else x.detach())
-                  for p, x in zip(self.params, grads))
+        g = self._materialize([None if x is None else (x if create_graph else x.detach()) for x in grads])
         return loss.detach(), g
 
     def _graph_grad(self, loss: Tensor, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         scaled = loss if self.loss_scale is None else loss * self.loss_scale
-        g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True,
-                                materialize_grads=True)
-        return loss, g
+        g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True)
+        return loss, self._materialize(g)
 
 
 class GAM(Optimizer):
@@ -246,13 +244,17 @@ class GAM(Optimizer):
                                 reduce=self.perturbation == "global", loss_scale=scale,
                                 pass_context=self._pass_context)
         d, stats = run_passes(hyper, params, oracle)
+        reached = reached_on_any_process(oracle.reached, params[0].device)
         with torch.no_grad():
-            for p, x in zip(params, d):
+            for p, x, r in zip(params, d, reached):
+                if not r:  # the loss does not reach it: no gradient, as autograd leaves it (no decay, no momentum)
+                    p.grad = None
+                    continue
                 p.grad = torch.empty_like(p)  # the parameter's layout: fused optimizers do not check strides
                 p.grad.copy_(x if scale is None else x * scale)
             del d
             if world > 1 and self.perturbation == "local":
-                all_reduce_([p.grad for p in params], mean=True)
+                all_reduce_([p.grad for p, r in zip(params, reached) if r], mean=True)
         self.step_count += 1
         self.last_stats = stats
         if scale is not None:
@@ -292,8 +294,9 @@ class SAM(GAM):
     """SAM (Foret et al. 2021) around any base optimizer: ``GAM(..., mode="sam")``; ``rho`` is SAM's radius
     (default 0.05, davda54/sam's), ``adaptive=True`` is ASAM. See :class:`GAM` for the closure and the options."""
 
-    def __init__(self, params: Iterable | None, base_optimizer: type[Optimizer] | Optimizer = torch.optim.SGD, *,
+    def __init__(self, params: Iterable | None, base_optimizer: type[Optimizer] | Optimizer = torch.optim.SGD,
                  rho: float | None = None, adaptive: bool | None = None, **kwargs: Any):
+        # davda54/sam's signature: SAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs), rho positional too
         kwargs.setdefault("mode", "sam")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
 

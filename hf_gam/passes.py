@@ -26,7 +26,7 @@ from .functional import second_order_context  # the one definition; importable f
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["all_reduce_", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
+__all__ = ["all_reduce_", "reached_on_any_process", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
 
 
 def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
@@ -41,6 +41,16 @@ def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
             flat /= dist.get_world_size()
         for t, r in zip(group, _unflatten_dense_tensors(flat, group)):
             t.copy_(r)
+
+
+def reached_on_any_process(reached: list[bool], device: torch.device) -> list[bool]:
+    """``reached`` or-ed over all processes (one tiny all-reduce in a multi-process run), so that every process
+    writes and all-reduces the gradients of the same parameters."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(reached)
+    flags = torch.tensor(reached, dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
 
 
 class BatchNormGuard:
@@ -107,6 +117,7 @@ class WindowOracle:
         self._bn_before = self.bn.snapshot()  # pre-step statistics: put back if the step fails
         self._bn_clean: list[Tensor] | None = None  # after the clean pass: what a successful step keeps
         self.passes = 0
+        self.reached = [False] * len(self.params)  # which parameters any pass's loss reached (others: no gradient)
 
     @property
     def _device(self) -> torch.device:
@@ -141,9 +152,21 @@ class WindowOracle:
         self.passes += 1
         loss = self.loss_fn(batch)
         scaled = loss if self.loss_scale is None else loss * self.loss_scale
-        g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True,
-                                materialize_grads=True)
-        return loss, g
+        g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True)
+        return loss, self._materialize(g)
+
+    def _materialize(self, g) -> tuple[Tensor, ...]:
+        """Zeros for the parameters the loss does not reach (the direction math needs every tensor), remembering
+        which it did reach: the caller leaves the others' ``p.grad`` as ``None``, as autograd does, so the optimizer
+        does not decay or move them."""
+        out = []
+        for i, (p, x) in enumerate(zip(self.params, g)):
+            if x is None:
+                out.append(torch.zeros_like(p))
+            else:
+                self.reached[i] = True
+                out.append(x)
+        return tuple(out)
 
     def _grad_sweep(self) -> tuple[Tensor, list[Tensor]]:
         losses, grads = [], []

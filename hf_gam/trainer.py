@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -34,8 +33,8 @@ from transformers.utils import logging
 from .config import GAMConfig
 from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from .directions import MODES
-from .losses import classifier_config, problem_type, summed_head_loss
-from .passes import MicroBatchOracle, WindowOracle, all_reduce_, run_passes
+from .losses import classifier_config, fits_head, problem_type, summed_head_loss
+from .passes import MicroBatchOracle, WindowOracle, all_reduce_, reached_on_any_process, run_passes
 
 __all__ = ["GAMTrainer"]
 
@@ -62,21 +61,21 @@ class GAMTrainer(Trainer):
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
-        self._gam_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
         self._gam_rho_used: float | None = None
         self._gam_window: list[dict[str, Any]] = []
         self._gam_head = classifier_config(self.accelerator.unwrap_model(self.model))
+        if self.compute_loss_func is not None:
+            self._gam_head = None  # the user's loss is the loss
+        self._stock_accepts_loss_kwargs = self.model_accepts_loss_kwargs
         if self._gam_head is not None:
-            self.model_accepts_loss_kwargs = True  # our compute_loss normalizes by num_items_in_batch itself
+            # our compute_loss normalizes by num_items_in_batch itself; the Trainer must count it for every model
+            self.model_accepts_loss_kwargs = True
 
     # ----------------------------------------------------------------------------------------------- losses
     def _own_loss_applies(self, inputs: dict[str, Any]) -> bool:
         labels = inputs.get("labels")
-        if self._gam_head is None or self.compute_loss_func is not None or not isinstance(labels, Tensor):
-            return False
-        # label smoothing exists for cross-entropy only: other heads with it keep the Trainer's own path
-        return (self.args.label_smoothing_factor == 0
-                or problem_type(self._gam_head, labels) == "single_label_classification")
+        return self._gam_head is not None and isinstance(labels, Tensor) and fits_head(self._gam_head, labels)
 
     def _summed_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, Tensor, Tensor]:
         """``(outputs, Σ loss over the counted label elements, their count)`` of one micro-batch."""
@@ -93,8 +92,12 @@ class GAMTrainer(Trainer):
         extended to multi-label BCE and regression MSE), times the process count when
         ``average_tokens_across_devices`` (as ``Trainer.compute_loss``). Other models: the Trainer's own."""
         if not self._own_loss_applies(inputs):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            forced, self.model_accepts_loss_kwargs = self.model_accepts_loss_kwargs, self._stock_accepts_loss_kwargs
+            try:  # the stock loss, with the stock decision on passing num_items_in_batch to forward
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            finally:
+                self.model_accepts_loss_kwargs = forced
         outputs, total, n_items = self._summed_loss(model, inputs)
         if num_items_in_batch is None:
             loss = total / n_items.to(total.device).clamp_min(1)
@@ -112,7 +115,7 @@ class GAMTrainer(Trainer):
             if self._own_loss_applies(inputs):
                 _, total, n_items = self._summed_loss(model, inputs)
                 return total / n_items.to(total.device).clamp_min(1)
-            return self.compute_loss(model, inputs)
+            return self.compute_loss(model, dict(inputs))  # a copy: Trainer.compute_loss pops "labels"
 
     @staticmethod
     def _num_items(inputs: dict[str, Any]) -> Tensor:
@@ -159,9 +162,14 @@ class GAMTrainer(Trainer):
         hyper = self._hyper()
         d, stats = run_passes(hyper, params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
-        self._accumulate_grad(params, d, weight * (scale or 1.0))
+        self._accumulate_grad(params, d, weight * (scale or 1.0), oracle.reached)
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
-            all_reduce_([p.grad for p in params], mean=True)
+            # every process all-reduces the same tensors: those with a gradient on any process
+            present = reached_on_any_process([p.grad is not None for p in params], params[0].device)
+            for p, r in zip(params, present):
+                if r and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_([p.grad for p, r in zip(params, present) if r], mean=True)
         self._record(stats, hyper)
         return (stats["loss"].double() * weight).to(self.args.device, torch.float32)
 
@@ -177,22 +185,25 @@ class GAMTrainer(Trainer):
                               loss_scale=scale, pass_context=lambda: self.accelerator.no_sync(model))
         hyper = self._hyper()
         d, stats = run_passes(hyper, params, oracle)
-        self._accumulate_grad(params, d, torch.tensor(scale or 1.0, dtype=torch.float64))
+        reached = reached_on_any_process(oracle.reached, params[0].device)
+        self._accumulate_grad(params, d, torch.tensor(scale or 1.0, dtype=torch.float64), reached)
         self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
 
     @staticmethod
-    def _accumulate_grad(params: list[Tensor], d: list[Tensor], weight: Tensor) -> None:
-        """``p.grad += weight * d`` (gradients of earlier micro-batches of the window are kept). A new ``p.grad`` gets
+    def _accumulate_grad(params: list[Tensor], d: list[Tensor], weight: Tensor, reached: list[bool]) -> None:
+        """``p.grad += weight * d`` for the parameters the loss ``reached`` (the others keep ``p.grad`` as it is, as
+        autograd leaves it: ``None`` means the optimizer skips them, no weight decay or momentum), keeping gradients
+        of earlier micro-batches of the window. A new ``p.grad`` gets
         the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
         one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
         ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
         with torch.no_grad():
             torch._foreach_mul_(d, weight.to(d[0].device, d[0].dtype))
-            have = [i for i, p in enumerate(params) if p.grad is not None]
+            have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
             if have:
                 torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
-            for i in sorted(set(range(len(params))) - set(have)):
+            for i in [i for i, p in enumerate(params) if p.grad is None and reached[i]]:
                 p, di = params[i], d[i]
                 if di.dtype == p.dtype and di.stride() == p.stride():
                     p.grad = di
@@ -227,12 +238,19 @@ class GAMTrainer(Trainer):
             logger.warning("step %d: a perturbed pass of gam_mode=%r gave a non-finite gradient; this micro-batch "
                            "uses the clean gradient (%d fallbacks so far)", self.state.global_step,
                            self.args.gam_mode, self.gam_counters["nonfinite_fallbacks"])
-        self._gam_rho_used = hyper.rho
-        self._gam_metrics["gam/grad_norm"].append(stats["grad_norm"].detach())
+        self._gam_rho_used = hyper.sam_rho if self.args.gam_mode == "sam" else hyper.rho  # the radius it ascends by
+        values = {"gam/grad_norm": stats["grad_norm"]}
         if "ascent_grad_norm" in stats:
-            self._gam_metrics["gam/ascent_grad_norm"].append(stats["ascent_grad_norm"].detach())
+            values["gam/ascent_grad_norm"] = stats["ascent_grad_norm"]
             if MODES[self.args.gam_mode].norm_ascent:
-                self._gam_metrics["gam/r1"].append(hyper.rho * stats["ascent_grad_norm"].detach())
+                values["gam/r1"] = hyper.rho * stats["ascent_grad_norm"]
+        if self._gam_sums is None:
+            self._gam_sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64, device=stats["grad_norm"].device)
+        with torch.no_grad():  # running sums on the device: no host sync per step, nothing kept per step
+            for i, key in enumerate(LOGGED):
+                if key in values:
+                    self._gam_sums[2 * i] += values[key].detach().double()
+                    self._gam_sums[2 * i + 1] += 1
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
@@ -256,17 +274,12 @@ class GAMTrainer(Trainer):
 
     def _gam_means(self) -> dict[str, float]:
         """Means of the recorded figures over all processes: ``[Σ, count]`` per key, summed by one all-reduce."""
-        sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64)
-        for i, key in enumerate(LOGGED):
-            values = self._gam_metrics.get(key)
-            if values:
-                sums[2 * i] = torch.stack([v.double().cpu() for v in values]).sum()
-                sums[2 * i + 1] = len(values)
-        self._gam_metrics.clear()
+        sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64) if self._gam_sums is None else self._gam_sums
+        self._gam_sums = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             sums = sums.to(self.args.device)
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-            sums = sums.cpu()
+        sums = sums.cpu()
         return {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOGGED) if sums[2 * i + 1] > 0}
 
     def create_model_card(self, language: str | None = None, license: str | None = None,

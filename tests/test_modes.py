@@ -107,6 +107,6 @@ def test_one_registry_entry_is_a_whole_mode(tmp_path, fake_mode):
     trainer.training_step(model, dict(batch), num_items_in_batch=torch.tensor(16))  # the dispatcher runs it
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    assert "gam/r1" in trainer._gam_metrics  # norm_ascent: ρ ‖g at the ascent point‖ is logged
+    assert "gam/r1" in trainer._gam_means()  # norm_ascent: ρ ‖g at the ascent point‖ is logged
     plain = Trainer.floating_point_ops(trainer, batch)
     assert trainer.floating_point_ops(batch) == fake_mode.passes * plain == 3 * plain

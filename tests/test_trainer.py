@@ -274,7 +274,9 @@ def test_gam_logs_averaged_over_processes(tmp_path, monkeypatch):
                                  all_reduce=all_reduce, ReduceOp=torch.distributed.ReduceOp)
     monkeypatch.setattr(trainer_module, "dist", fake)
     trainer = GAMTrainer(model=tiny_model(), args=train_args(tmp_path, gam_mode="sam"))
-    trainer._gam_metrics["gam/grad_norm"] += [torch.tensor(1.0), torch.tensor(3.0)]
+    hyper = trainer.args.gam_hyper()
+    for g in (1.0, 3.0):
+        trainer._record({"grad_norm": torch.tensor(g)}, hyper)
     trainer.log({"loss": 1.0})
     trainer.log({"eval_loss": 1.0})  # evaluation logs: no collective (not every process writes them)
     assert len(calls) == 1
