@@ -374,17 +374,47 @@ def test_compute_loss_func_model_without_kwargs_is_trainer_bit_for_bit(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(stock, gam))
 
 
-class TokenData(torch.utils.data.Dataset):
-    """Language-model samples: ``labels`` are the ``input_ids`` (the model shifts them)."""
+def summed_smoothed_ce(outputs, labels, num_items_in_batch=None):
+    """A user's loss normalized as the Trainer expects of ``compute_loss_func``: Σ / ``num_items_in_batch`` (the
+    micro-batch mean when it is not given)."""
+    total = torch.nn.functional.cross_entropy(outputs["logits"], labels, label_smoothing=0.2, reduction="sum")
+    return total / (len(labels) if num_items_in_batch is None else num_items_in_batch)
 
-    def __init__(self, n=16, length=12, vocab=50, seed=1):
+
+@pytest.mark.parametrize("mode", [dict(gam_mode="sam", sam_rho=0.0), dict(gam_mode="gam", gam_alpha=0.0)],
+                         ids=["sam_rho0", "gam_alpha0"])
+def test_compute_loss_func_model_without_kwargs_weighs_micro_batches_as_the_trainer(tmp_path, mode):
+    """The Trainer counts ``num_items_in_batch`` for any ``compute_loss_func`` (whatever the model's forward takes)
+    and takes the user's loss as normalized by it: over uneven micro-batches (8 + 4) each must weigh ``n_i / N``
+    (not ``1 / accumulation steps``), so the multi-pass modes reduced to the gradient step as the stock Trainer."""
+    sgd = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=1.0, optim="sgd",
+               lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    steps = []
+    for trainer_cls, args_cls, kw in ((Trainer, TrainingArguments, {}), (GAMTrainer, GAMConfig, mode)):
+        torch.manual_seed(0)
+        model = NoKwargsMLP(TinyConfig()).double()
+        theta0 = flat_params(model)
+        trainer_cls(model=model, args=train_args(tmp_path / trainer_cls.__name__, args_cls, **sgd, **kw),
+                    train_dataset=tiny_data(n=12), compute_loss_func=summed_smoothed_ce).train()
+        steps.append(theta0 - flat_params(model))
+    assert_rel(steps[1], steps[0], tol=1e-9)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Language-model samples: ``labels`` are the ``input_ids`` (the model shifts them); ``padded``: the last 4
+    targets of every third row are -100 (rows of unequal target counts)."""
+
+    def __init__(self, n=16, length=12, vocab=50, seed=1, padded=False):
         self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+        self.labels = self.ids.clone()
+        if padded:
+            self.labels[::3, -4:] = -100
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def tiny_gpt2():
@@ -404,6 +434,32 @@ def test_causal_lm_keeps_its_own_loss_bit_for_bit(tmp_path):
     GAMTrainer(model=gam_model, args=train_args(tmp_path / "g", gam_mode="none", max_steps=2),
                train_dataset=TokenData()).train()
     assert all(torch.equal(a, b) for a, b in zip(stock_model.parameters(), gam_model.parameters()))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=32)).double()
+
+
+@pytest.mark.parametrize("perturbation", ["local", "global"])
+def test_causal_lm_multi_pass_step_weighs_micro_batches_as_the_trainer(tmp_path, perturbation):
+    """A causal LM (``loss_type`` ForCausalLM) in a multi-pass mode: the Trainer's ``num_items_in_batch`` counts
+    ``labels[..., 1:]`` (the shifted targets), so must each micro-batch's weight; ``sam`` with ρs = 0 over 8 + 4
+    sequences (padded with -100) then steps as the stock Trainer (counting every label would step T/(T-1) too far)."""
+    data = TokenData(n=12, padded=True)
+    sgd = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=1.0, optim="sgd",
+               lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    stock_model, gam_model = tiny_llama(), tiny_llama()
+    theta0 = flat_params(stock_model)
+    Trainer(model=stock_model, args=train_args(tmp_path / "s", TrainingArguments, **sgd), train_dataset=data).train()
+    GAMTrainer(model=gam_model, args=train_args(tmp_path / "g", gam_mode="sam", sam_rho=0.0,
+                                                gam_perturbation=perturbation, **sgd), train_dataset=data).train()
+    # float32 accuracy: transformers' causal-LM loss computes the cross-entropy on logits.float()
+    assert_rel(theta0 - flat_params(gam_model), theta0 - flat_params(stock_model), tol=1e-6)
 
 
 def test_classifier_config_and_fits_head():
