@@ -511,7 +511,7 @@ def test_logged_rho_of_sam_is_its_own_radius(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
-    for h in logs:
-        hyper = args.gam_hyper(args.learning_rate * (1 - (h["step"] - 1) / 3))
-        assert hyper.sam_rho != hyper.rho
-        assert h["gam/rho"] == pytest.approx(hyper.sam_rho, rel=1e-9)
+    r = args.gam_rho_min_ratio
+    for h in logs:  # ρs_t = ρs (r + (1 - r) lr_t / lr), lr_t = lr (1 - t/3) at step t = h["step"] - 1
+        assert h["gam/rho"] == pytest.approx(0.5 * (r + (1 - r) * (1 - (h["step"] - 1) / 3)), rel=1e-9)
+    assert len({h["gam/rho"] for h in logs}) == 3
