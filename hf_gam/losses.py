@@ -9,6 +9,8 @@ accumulation window's mean loss for every head.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
@@ -19,10 +21,25 @@ __all__ = ["HEAD_LOSSES", "classifier_config", "fits_head", "problem_type", "sum
 HEAD_LOSSES = ("single_label_classification", "multi_label_classification", "regression")
 
 
+@lru_cache(maxsize=1)
+def _language_model_classes() -> frozenset[str]:
+    """transformers' causal, masked and sequence-to-sequence LM classes (the Trainer's own causal-LM rule reads the
+    same registry): some have no ``loss_type`` (``GPT2LMHeadModel``, ``XLNetLMHeadModel``, ``MarianMTModel``...)."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for mapping in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"):
+        for value in getattr(modeling_auto, mapping, {}).values():
+            names.update(value if isinstance(value, (tuple, list)) else [value])
+    return frozenset(names)
+
+
 def classifier_config(model: nn.Module):
     """The config of a model with a classification / regression head (``num_labels`` and a ``problem_type`` of
     transformers' sequence/image classification losses), else ``None``. A model whose ``loss_type`` names another
-    loss (causal LM, token classification, segmentation, detection, ...) keeps its own."""
+    loss (causal LM, token classification, segmentation, detection, ...), or a language model of transformers'
+    registry, keeps its own."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "num_labels", 0) < 1:
         return None
@@ -30,6 +47,9 @@ def classifier_config(model: nn.Module):
         return None
     loss = LOSS_MAPPING.get(getattr(model, "loss_type", None))
     if loss is not None and loss is not ForSequenceClassificationLoss:
+        return None
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
+    if type(base).__name__ in _language_model_classes():
         return None
     return config
 

@@ -117,20 +117,23 @@ class GAMTrainer(Trainer):
                 return total / n_items.to(total.device).clamp_min(1)
             return self.compute_loss(model, dict(inputs))  # a copy: Trainer.compute_loss pops "labels"
 
-    @staticmethod
-    def _num_items(inputs: dict[str, Any]) -> Tensor:
+    def _num_items(self, inputs: dict[str, Any]) -> Tensor:
         """What the Trainer's ``num_items_in_batch`` counts for this micro-batch: label elements that are not
-        ``-100`` (rows for single-label and 1-output regression heads, rows x classes for multi-label ones)."""
-        labels = inputs.get("labels")
+        ``-100`` (rows for single-label and 1-output regression heads, rows x classes for multi-label ones; a causal
+        LM's shifted targets ``labels[..., 1:]``, or ``shift_labels``, by the Trainer's own rule)."""
+        labels = inputs.get("shift_labels", inputs.get("labels"))
         if isinstance(labels, Tensor):
+            if "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False):
+                labels = labels[..., 1:]
             return labels.ne(-100).sum()
         raise ValueError("GAMTrainer needs a `labels` tensor in every batch")
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch) -> Tensor:
         """Share of this micro-batch in the step's gradient, the same as the stock loss gives it:
-        ``n_i / num_items_in_batch`` (times the process count when averaged across devices), else
-        ``1 / accumulation steps``."""
-        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+        ``n_i / num_items_in_batch`` (times the process count when averaged across devices) where the Trainer
+        normalizes by ``num_items_in_batch`` (a model taking loss kwargs, or any ``compute_loss_func``, whatever the
+        model's forward takes), else ``1 / accumulation steps``."""
+        if num_items_in_batch is None or not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
             return torch.tensor(1.0 / self.current_gradient_accumulation_steps, dtype=torch.float64)
         n_i = self._num_items(inputs)  # on the batch's device: no host sync
         dtype = torch.float32 if n_i.device.type == "mps" else torch.float64

@@ -108,6 +108,59 @@ def test_sam_class_is_mode_sam_with_davda54_defaults():
     assert_rel(theta0 - flat_params(model), direction("sam", loss_of(model, batch), theta0, rho=0.5, alpha=0.1))
 
 
+
+def test_sam_rho_positional_as_davda54():
+    """davda54/sam's signature ``SAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs)``: ρ positional
+    gives the same optimizer and the same step as ``rho=`` by keyword."""
+    batch = batch_of(tiny_data())
+    positional, keyword = tiny_model(), tiny_model()
+    opt_p = SAM(positional.parameters(), torch.optim.SGD, 0.3, lr=0.1)
+    opt_k = SAM(keyword.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    assert opt_p.hyper == opt_k.hyper and opt_p.hyper.sam_rho == 0.3
+    opt_p.step(graph_closure(positional, batch))
+    opt_k.step(graph_closure(keyword, batch))
+    assert torch.equal(flat_params(positional), flat_params(keyword))
+
+
+class WithUnusedLayer(torch.nn.Module):
+    """A Linear classifier next to a Linear the forward never calls (a head not in use, a mask token...)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.used, self.unused = torch.nn.Linear(6, 3).double(), torch.nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("mode", ["none", "sam", "gam_fast", "gam"])
+def test_unreached_parameters_get_no_gradient_decay_or_momentum(mode):
+    """As in a plain loop (autograd leaves their ``.grad`` None and SGD skips them): a parameter the loss does not
+    reach is not decayed nor moved by momentum, its ``.grad`` stays None, while the used ones move (mode none: the
+    plain loop's weights, bit for bit)."""
+    model, data = WithUnusedLayer(), tiny_data()
+    unused = [p.detach().clone() for p in model.unused.parameters()]
+    used = [p.detach().clone() for p in model.used.parameters()]
+    opt = GAM(model.parameters(), torch.optim.SGD, mode=mode, lr=0.1, momentum=0.9, weight_decay=0.1, model=model,
+              **HP)
+    for _ in range(2):
+        opt.step(lambda: F.cross_entropy(model(data.x), data.y))
+        assert all(p.grad is None for p in model.unused.parameters())
+        assert all(p.grad is not None for p in model.used.parameters())
+        opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(unused, model.unused.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(used, model.used.parameters()))
+    if mode == "none":  # the plain loop, bit for bit
+        plain = WithUnusedLayer()
+        sgd = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        for _ in range(2):
+            F.cross_entropy(plain(data.x), data.y).backward()
+            sgd.step()
+            sgd.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), model.parameters()))
+
+
 class Recorder(GAMTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.seen = getattr(self, "seen", []) + [dict(inputs)]

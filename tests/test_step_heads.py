@@ -100,3 +100,20 @@ def test_process_count_factor_one_process(tmp_path, monkeypatch, head, average):
     with torch.no_grad():
         mode_none = trainer.compute_loss(model, dict(batch), num_items_in_batch=2 * n)
     assert mode_none.item() == pytest.approx(factor * expected_loss.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["none", *MODES])
+def test_multi_label_with_label_smoothing_is_mean_bce_step(tmp_path, mode):
+    """Label smoothing belongs to the cross-entropy: with ``label_smoothing_factor=0.1`` a multi-label head (whose
+    smoothing the Trainer drops, with a warning) still steps by the window's mean BCE, under accumulation 2 over
+    8 + 4 samples, in mode none as in the multi-pass modes."""
+    theta0, theta_ref = whole_window_step(tmp_path, "multi_label")
+    model, data = head_model_and_data("multi_label")
+    kw = {"gam_mode": "none"} if mode == "none" else MODES[mode]
+    trainer = Sizes(model=model, args=sgd(tmp_path / "gam", GAMConfig, label_smoothing_factor=0.1, **kw),
+                    train_dataset=data)
+    trainer.train()
+    assert sorted(trainer.sizes) == [4, 8]
+    step, step_ref = theta0 - flat_params(model), theta0 - theta_ref
+    err = ((step - step_ref).norm() / step_ref.norm()).item()
+    assert err < 1e-6, f"relative error {err:.3e} (step norm ratio {(step.norm() / step_ref.norm()).item():.4f})"

@@ -7,11 +7,16 @@ from functools import partial
 
 import pytest
 import torch
+from reference import direction, flat_params
 from testing_utils import (
     ALL_MODES,
     HP,
+    TinyConfig,
+    TinyMLP,
+    assert_rel,
     image_data,
     params_of,
+    ref_kwargs,
     sgd_args,
     tiny_data,
     tiny_efficientnet,
@@ -24,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.directions import MODES
+from hf_gam.losses import classifier_config, fits_head
 
 # the real families at 32 px
 FAMILIES = {"vit": partial(tiny_vit, image_size=32), "swin": partial(tiny_swin, image_size=32),
@@ -283,3 +289,229 @@ def test_gam_logs_averaged_over_processes(tmp_path, monkeypatch):
     logged = trainer.state.log_history[0]
     assert logged["gam/grad_norm"] == pytest.approx((1 + 3 + 8) / 4)
     assert logged["gam/ascent_grad_norm"] == pytest.approx(5.0) and "gam/r1" not in logged
+
+
+# ------------------------------------------------------------------ review fixes (cfe4243): one test per fix
+def tiny_dinov2():
+    """A 1-layer HF Dinov2 classifier (16 px, 8 px patches): its ``mask_token`` is used only with
+    ``bool_masked_pos``, so a classification loss never reaches it (set to ones: zero weights would hide decay)."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    model = Dinov2ForImageClassification(Dinov2Config(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=32, num_labels=3))
+    with torch.no_grad():
+        model.dinov2.embeddings.mask_token.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("mode,perturbation", [("stock", None), ("sam", "local"), ("sam", "global"),
+                                               ("gam_fast", "local"), ("gam_fast", "global")])
+def test_unreached_parameter_not_decayed(tmp_path, mode, perturbation):
+    """A parameter the loss does not reach keeps ``.grad`` None, so AdamW's weight decay does not shrink it: as the
+    stock Trainer leaves it, GAMTrainer leaves it bit-identical, in both perturbations."""
+    model = tiny_dinov2()
+    mask0, head0 = model.dinov2.embeddings.mask_token.detach().clone(), model.classifier.weight.detach().clone()
+    if mode == "stock":
+        args = train_args(tmp_path, TrainingArguments, weight_decay=0.5, max_steps=2, learning_rate=1e-2)
+        trainer = Trainer(model=model, args=args, train_dataset=image_data(8))
+    else:
+        args = train_args(tmp_path, gam_mode=mode, gam_perturbation=perturbation, weight_decay=0.5, max_steps=2,
+                          learning_rate=1e-2)
+        trainer = GAMTrainer(model=model, args=args, train_dataset=image_data(8))
+    trainer.train()
+    assert torch.equal(model.dinov2.embeddings.mask_token, mask0)
+    assert not torch.equal(model.classifier.weight, head0)
+
+
+def smoothed_ce(outputs, labels, num_items_in_batch=None):
+    """A user's loss (``compute_loss_func``) that is not the model's own: cross-entropy with smoothing 0.2."""
+    return torch.nn.functional.cross_entropy(outputs["logits"], labels, label_smoothing=0.2)
+
+
+def smoothed_ce_of(model, data):
+    """``L(θ)`` of :func:`smoothed_ce` on ``data`` as a function of the flat parameters (float64 reference)."""
+    from torch.func import functional_call
+
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+
+    def L(theta):
+        chunks = torch.split(theta, [s.numel() for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return smoothed_ce({"logits": functional_call(model, params, (data.x,)).logits}, data.y)
+
+    return L
+
+
+@pytest.mark.parametrize("mode", ["sam", "gam_fast", "gam"])
+def test_compute_loss_func_multi_pass_modes_equal_reference(tmp_path, mode):
+    """``compute_loss_func`` is the loss of every pass (each pass gets its own inputs dict: the Trainer pops
+    ``labels``), and the step is the float64 reference direction of the user's loss."""
+    model, data = tiny_model(), tiny_data()
+    theta0 = flat_params(model)
+    args = sgd_args(tmp_path, gam_mode=mode, **HP)
+    GAMTrainer(model=model, args=args, train_dataset=data, compute_loss_func=smoothed_ce).train()
+    d_ref = direction(mode, smoothed_ce_of(tiny_model(), data), theta0, **ref_kwargs(args))
+    assert_rel(theta0 - flat_params(model), d_ref)
+
+
+class NoKwargsMLP(TinyMLP):
+    """A model whose forward takes no ``**kwargs``: the Trainer must not pass it ``num_items_in_batch``."""
+
+    def forward(self, pixel_values, labels=None):
+        return super().forward(pixel_values)
+
+
+def test_compute_loss_func_model_without_kwargs_is_trainer_bit_for_bit(tmp_path):
+    def run(trainer_cls, args_cls, **kw):
+        torch.manual_seed(0)
+        model = NoKwargsMLP(TinyConfig())
+        trainer_cls(model=model, args=train_args(tmp_path / trainer_cls.__name__, args_cls, **kw),
+                    train_dataset=tiny_data(dtype=torch.float32), compute_loss_func=smoothed_ce).train()
+        return params_of(model)
+
+    stock, gam = run(Trainer, TrainingArguments), run(GAMTrainer, GAMConfig, gam_mode="none")
+    assert all(torch.equal(a, b) for a, b in zip(stock, gam))
+
+
+def summed_smoothed_ce(outputs, labels, num_items_in_batch=None):
+    """A user's loss normalized as the Trainer expects of ``compute_loss_func``: Σ / ``num_items_in_batch`` (the
+    micro-batch mean when it is not given)."""
+    total = torch.nn.functional.cross_entropy(outputs["logits"], labels, label_smoothing=0.2, reduction="sum")
+    return total / (len(labels) if num_items_in_batch is None else num_items_in_batch)
+
+
+@pytest.mark.parametrize("mode", [dict(gam_mode="sam", sam_rho=0.0), dict(gam_mode="gam", gam_alpha=0.0)],
+                         ids=["sam_rho0", "gam_alpha0"])
+def test_compute_loss_func_model_without_kwargs_weighs_micro_batches_as_the_trainer(tmp_path, mode):
+    """The Trainer counts ``num_items_in_batch`` for any ``compute_loss_func`` (whatever the model's forward takes)
+    and takes the user's loss as normalized by it: over uneven micro-batches (8 + 4) each must weigh ``n_i / N``
+    (not ``1 / accumulation steps``), so the multi-pass modes reduced to the gradient step as the stock Trainer."""
+    sgd = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=1.0, optim="sgd",
+               lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    steps = []
+    for trainer_cls, args_cls, kw in ((Trainer, TrainingArguments, {}), (GAMTrainer, GAMConfig, mode)):
+        torch.manual_seed(0)
+        model = NoKwargsMLP(TinyConfig()).double()
+        theta0 = flat_params(model)
+        trainer_cls(model=model, args=train_args(tmp_path / trainer_cls.__name__, args_cls, **sgd, **kw),
+                    train_dataset=tiny_data(n=12), compute_loss_func=summed_smoothed_ce).train()
+        steps.append(theta0 - flat_params(model))
+    assert_rel(steps[1], steps[0], tol=1e-9)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Language-model samples: ``labels`` are the ``input_ids`` (the model shifts them); ``padded``: the last 4
+    targets of every third row are -100 (rows of unequal target counts)."""
+
+    def __init__(self, n=16, length=12, vocab=50, seed=1, padded=False):
+        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+        self.labels = self.ids.clone()
+        if padded:
+            self.labels[::3, -4:] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0,
+                                      eos_token_id=0))
+
+
+def test_causal_lm_keeps_its_own_loss_bit_for_bit(tmp_path):
+    """A causal LM (``num_labels`` 2 by default, token labels) keeps its own shifted loss: mode none gives the stock
+    Trainer's weights after 2 accumulated steps, bit for bit."""
+    stock_model, gam_model = tiny_gpt2(), tiny_gpt2()
+    Trainer(model=stock_model, args=train_args(tmp_path / "s", TrainingArguments, max_steps=2),
+            train_dataset=TokenData()).train()
+    GAMTrainer(model=gam_model, args=train_args(tmp_path / "g", gam_mode="none", max_steps=2),
+               train_dataset=TokenData()).train()
+    assert all(torch.equal(a, b) for a, b in zip(stock_model.parameters(), gam_model.parameters()))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=32)).double()
+
+
+@pytest.mark.parametrize("perturbation", ["local", "global"])
+def test_causal_lm_multi_pass_step_weighs_micro_batches_as_the_trainer(tmp_path, perturbation):
+    """A causal LM (``loss_type`` ForCausalLM) in a multi-pass mode: the Trainer's ``num_items_in_batch`` counts
+    ``labels[..., 1:]`` (the shifted targets), so must each micro-batch's weight; ``sam`` with ρs = 0 over 8 + 4
+    sequences (padded with -100) then steps as the stock Trainer (counting every label would step T/(T-1) too far)."""
+    data = TokenData(n=12, padded=True)
+    sgd = dict(per_device_train_batch_size=8, max_steps=1, learning_rate=1.0, optim="sgd",
+               lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    stock_model, gam_model = tiny_llama(), tiny_llama()
+    theta0 = flat_params(stock_model)
+    Trainer(model=stock_model, args=train_args(tmp_path / "s", TrainingArguments, **sgd), train_dataset=data).train()
+    GAMTrainer(model=gam_model, args=train_args(tmp_path / "g", gam_mode="sam", sam_rho=0.0,
+                                                gam_perturbation=perturbation, **sgd), train_dataset=data).train()
+    # float32 accuracy: transformers' causal-LM loss computes the cross-entropy on logits.float()
+    assert_rel(theta0 - flat_params(gam_model), theta0 - flat_params(stock_model), tol=1e-6)
+
+
+def test_classifier_config_and_fits_head():
+    lm, vit = tiny_gpt2(), tiny_vit()
+    assert lm.config.num_labels == 2 and classifier_config(lm) is None  # loss_type ForCausalLM: its own loss
+    config = classifier_config(vit)
+    assert config is vit.config
+    assert fits_head(config, torch.tensor([0, 2, 1]))
+    assert not fits_head(config, torch.zeros(3, 5, dtype=torch.long))  # per-token ids: not a head's labels
+    assert fits_head(config, torch.zeros(3, 3))  # multi-label: one float per class
+    assert not fits_head(config, torch.zeros(3, 5))
+    regression = tiny_vit(num_labels=1).config
+    assert fits_head(regression, torch.zeros(3)) and not fits_head(regression, torch.zeros(3, 3))
+
+
+class RecordingTrainer(GAMTrainer):
+    """Keeps every micro-batch's gradient norm as ``_record`` sees it."""
+
+    def _record(self, stats, hyper):
+        self.norms = getattr(self, "norms", []) + [stats["grad_norm"].item()]
+        super()._record(stats, hyper)
+
+
+def test_gam_figures_kept_as_fixed_size_sums(tmp_path):
+    """Without logging nothing grows per step: six running numbers ([Σ, count] of three figures) whatever the step
+    count; with logging every 2 steps each log is the mean over its window's micro-batches."""
+    silent = RecordingTrainer(model=tiny_model(dtype=torch.float32), args=train_args(
+        tmp_path / "s", gam_mode="sam", max_steps=6, logging_strategy="no"), train_dataset=tiny_data(dtype=torch.float32))
+    silent.train()
+    assert silent._gam_sums.numel() == 6
+    assert silent._gam_sums[1].item() == len(silent.norms) == 12  # 6 steps x 2 micro-batches, nothing lost
+    assert silent._gam_sums[0].item() == pytest.approx(sum(silent.norms), rel=1e-6)
+
+    logged = RecordingTrainer(model=tiny_model(dtype=torch.float32), args=train_args(
+        tmp_path / "l", gam_mode="sam", max_steps=4, logging_steps=2), train_dataset=tiny_data(dtype=torch.float32))
+    logged.train()
+    logs = [h["gam/grad_norm"] for h in logged.state.log_history if "loss" in h]
+    norms = logged.norms
+    assert logs == pytest.approx([sum(norms[:4]) / 4, sum(norms[4:]) / 4], rel=1e-6)
+
+
+def test_logged_rho_of_sam_is_its_own_radius(tmp_path):
+    """``gam_mode="sam"`` ascends by ``sam_rho`` (here 0.5, not ``gam_rho`` 0.3): under ``lr_proportional`` the
+    logged ``gam/rho`` is that step's SAM radius."""
+    args = train_args(tmp_path, gam_mode="sam", gam_rho=0.3, sam_rho=0.5, gam_rho_schedule="lr_proportional",
+                      lr_scheduler_type="linear", gradient_accumulation_steps=1, per_device_train_batch_size=16,
+                      max_steps=3)
+    trainer = GAMTrainer(model=tiny_model(dtype=torch.float32), args=args, train_dataset=tiny_data(dtype=torch.float32))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    r = args.gam_rho_min_ratio
+    for h in logs:  # ρs_t = ρs (r + (1 - r) lr_t / lr), lr_t = lr (1 - t/3) at step t = h["step"] - 1
+        assert h["gam/rho"] == pytest.approx(0.5 * (r + (1 - r) * (1 - (h["step"] - 1) / 3)), rel=1e-9)
+    assert len({h["gam/rho"] for h in logs}) == 3
