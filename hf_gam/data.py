@@ -188,9 +188,10 @@ def split_files(path: str, config: str | None = None) -> dict[str, list[str]] | 
     if config is not None:
         return None
     try:
-        return get_data_patterns(path if local else f"hf://datasets/{path}")
+        patterns = get_data_patterns(path if local else f"hf://datasets/{path}")
     except Exception:  # noqa: BLE001
         return None
+    return {str(k): list(v) for k, v in patterns.items()}  # NamedSplit keys -> split names
 
 
 def _repo_source(path: str, config: str | None, spec: DatasetSpec | None, hub_id: str | None) -> _Source:

@@ -301,3 +301,49 @@ def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hu
     assert (len(data.train), len(data.eval), data.hub_id) == (8, 4, "tanganke/stanford_cars")
     assert calls == [("tanganke/stanford_cars", {"data_files": {"train": ["data/train-*"]}, "split": "train"}),
                      ("tanganke/stanford_cars", {"data_files": {"test": ["data/test-*"]}, "split": "test"})]
+
+
+# ------------------------------------------------------------------------- local layouts without a configs: block
+def _image_folders(root, layout: dict[str, list[str]], per_class: int = 2, seed: int = 0):
+    """``root/<split>/<class>/<i>.png`` for ``{split: classes}`` (``split`` "" : class folders at the root)."""
+    rng = np.random.default_rng(seed)
+    for split, classes in layout.items():
+        for cls in classes:
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                random_image(rng, i).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+def _parquet(path, labels: list[str]) -> None:
+    from datasets import Dataset, Features, Image, Value
+
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict({"image": [random_image(rng, i) for i in range(len(labels))], "label": labels},
+                      features=Features({"image": Image(), "label": Value("string")})).to_parquet(str(path))
+
+
+@pytest.mark.parametrize("where", ["", "data/"])
+def test_parquet_files_without_a_card(tmp_path, where):
+    """root train.parquet/test.parquet and data/train.parquet: split names from the Hub's file naming (datasets
+    returns them as NamedSplit, which once crashed the loader with a TypeError)."""
+    _parquet(tmp_path / f"{where}train.parquet", ["dog", "cat", "bird", "dog"])
+    _parquet(tmp_path / f"{where}test.parquet", ["cat", "dog"])
+    assert split_files(str(tmp_path)) is not None and all(type(k) is str for k in split_files(str(tmp_path)))
+    data = load_image_data(DataArguments(dataset=str(tmp_path)))
+    assert data.class_names == ["bird", "cat", "dog"] and (len(data.train), len(data.eval)) == (4, 2)
+    assert _eval_names(data) == ["cat", "dog"]
+
+
+def test_split_folders_whose_eval_lacks_a_class(tmp_path):
+    """train/ and test/ class folders read as a local directory (each split alone): test/ without class 'c'
+    still loads, its labels remapped by name; a class only test/ has is an error naming it."""
+    root = _image_folders(tmp_path / "f", {"train": ["a", "b", "c"], "test": ["b", "c"]})
+    data = load_image_data(DataArguments(dataset=str(root)))
+    assert data.class_names == ["a", "b", "c"] and len(data.train) == 6
+    assert _eval_names(data) == ["b", "b", "c", "c"]  # by id they would read a, a, b, b
+    _image_folders(root, {"test": ["zebra"]})
+    with pytest.raises(DataError, match="'zebra'"):
+        load_image_data(DataArguments(dataset=str(root)))
