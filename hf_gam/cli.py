@@ -162,7 +162,21 @@ def parse_train_args(argv: list[str]):
         raise UsageError("remove_unused_columns must be False for hf-gam train (images are transformed on the fly "
                          "from the 'image' column); got True")
     run_args.flatness = flat_args
+    if run_args.flatness_at_end:
+        check_flatness_args(flat_args, flatness_batches=run_args.flatness_batches)
     return model_args, data_args, run_args, args
+
+
+def check_flatness_args(flat_args, **counts: int) -> None:
+    """The flatness settings (:meth:`FlatnessArguments.validate`) and the batch counts (``flatness_batches``,
+    ``batch_size``: ints >= 1), as a :class:`UsageError` naming the flag and its value, before any compute."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be an int >= 1; got {value!r}")
+    try:
+        flat_args.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def check_push(args) -> None:
@@ -288,10 +302,11 @@ def flatness_main(argv: list[str]) -> int:
 
     parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),
                               prog="hf-gam flatness", description="Flatness of a trained image classifier.")
-    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        argv = _config_to_argv(_read_config_file(argv[0]), parser, argv[0])
-    model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
     try:
+        if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+            argv = _config_to_argv(_read_config_file(argv[0]), parser, argv[0])
+        model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
+        check_flatness_args(fa, flatness_batches=run.flatness_batches, batch_size=run.batch_size)
         data = load_image_data(data_args)
         loaded = load_model(model_args, data.class_names, default_image_size=data.image_size)
         _, eval_tf = build_transforms(loaded.processor, "none")

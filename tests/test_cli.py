@@ -153,6 +153,39 @@ def test_bad_values(tmp_path, capsys):
     assert "unknown fields lerning_rate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--flatness_rho", "-1"], "flatness_rho must be finite and > 0; got -1.0"),
+    (["--flatness_top_k", "0"], "flatness_top_k must be an int >= 1; got 0"),
+    (["--flatness_batches", "0"], "flatness_batches must be an int >= 1; got 0"),
+    (["--batch_size", "0"], "batch_size must be an int >= 1; got 0"),
+    (["--flatness_landscape_resolution", "1"], "flatness_landscape_resolution must be an int >= 2; got 1")])
+def test_flatness_command_bad_values(tmp_path, capsys, flags, expected):
+    out = tmp_path / "o"
+    assert main(["flatness", "--model", "tiny-resnet", "--output_dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"hf-gam: error: {expected}"] and not out.exists()
+
+
+def test_flatness_command_bad_config_file(tmp_path, capsys):
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'o'}\nfoo: 1\n")
+    assert main(["flatness", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"hf-gam: error: config file {str(cfg)!r}: unknown fields foo"]
+    assert main(["flatness", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_train_flatness_at_end_bad_values_fail_before_training(tmp_path, capsys, monkeypatch):
+    import hf_gam.data
+
+    monkeypatch.setattr(hf_gam.data, "load_image_data", lambda *a, **k: pytest.fail("loaded data"))
+    _fails(["--flatness_at_end", "true", "--flatness_top_k", "0"], tmp_path / "o", capsys,
+           "flatness_top_k must be an int >= 1; got 0")
+    _fails(["--flatness_at_end", "true", "--flatness_batches", "0"], tmp_path / "o", capsys,
+           "flatness_batches must be an int >= 1; got 0")
+
+
 def test_push_offline_fails_early(tmp_path, capsys):
     _fails(["--push_to_hub", "true", "--hub_model_id", "me/x"], tmp_path / "o", capsys, "push_to_hub", "offline")
 
