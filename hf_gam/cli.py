@@ -298,7 +298,7 @@ def flatness_main(argv: list[str]) -> int:
 
     from .data import DataArguments, DataError, build_transforms, load_image_data
     from .flatness import FlatnessArguments, run_flatness
-    from .models import ModelArguments, ModelLoadError, load_model
+    from .models import ModelArguments, ModelLoadError, load_trained_model
 
     parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),
                               prog="hf-gam flatness", description="Flatness of a trained image classifier.")
@@ -308,13 +308,18 @@ def flatness_main(argv: list[str]) -> int:
         model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
         check_flatness_args(fa, flatness_batches=run.flatness_batches, batch_size=run.batch_size)
         data = load_image_data(data_args)
-        loaded = load_model(model_args, data.class_names, default_image_size=data.image_size)
-        _, eval_tf = build_transforms(loaded.processor, "none")
-        batches = _eval_batches(data.train if run.split == "train" else data.eval, eval_tf, run.flatness_batches,
+        measured = data.train if run.split == "train" else data.eval
+        # each model as saved (its own head and classes) on the batches its own image processor makes
+        loaded = load_trained_model(model_args, data.class_names, default_image_size=data.image_size)
+        batches = _eval_batches(measured, build_transforms(loaded.processor, "none")[1], run.flatness_batches,
                                 run.batch_size)
-        compare = None
+        compare = compare_batches = None
         if fa.flatness_compare:
-            compare = load_model(ModelArguments(model=fa.flatness_compare), data.class_names, data.image_size).model
+            other = load_trained_model(ModelArguments(model=fa.flatness_compare, image_size=model_args.image_size),
+                                       data.class_names, default_image_size=data.image_size)
+            compare = other.model
+            compare_batches = _eval_batches(measured, build_transforms(other.processor, "none")[1],
+                                            run.flatness_batches, run.batch_size)
     except (UsageError, DataError, ModelLoadError) as err:
         print(f"hf-gam: error: {err}", file=sys.stderr)
         return 2
@@ -322,7 +327,8 @@ def flatness_main(argv: list[str]) -> int:
     settings.setdefault("name", os.path.basename(os.path.normpath(model_args.model)))
     if compare is not None:
         settings.setdefault("compare_name", os.path.basename(os.path.normpath(fa.flatness_compare)))
-    result = run_flatness(loaded.model, batches, run.output_dir, compare_model=compare, **settings)
+    result = run_flatness(loaded.model, batches, run.output_dir, compare_model=compare, compare_batches=compare_batches,
+                          **settings)
     print(f"lambda_max {result['lambda_max']:.4g}, trace {result['hessian_trace']:.4g}, R1 "
           f"{result['first_order_flatness']:.4g}, R0 {result['zeroth_order_flatness']:.4g}; written to "
           f"{run.output_dir}", flush=True)

@@ -47,7 +47,8 @@ class FlatnessArguments:
 
     flatness_compare: str | None = field(default=None, metadata={
         "aliases": ["--compare"],
-        "help": "A second model (path or Hub id) measured on the same batches and drawn side by side."})
+        "help": "A second trained model (path or Hub id) measured on the same images, through its own image "
+                "processor, and drawn side by side."})
     flatness_name: str | None = field(default=None, metadata={
         "help": "Label of the model in the pictures and the JSON (default: the model path's last part)."})
     flatness_compare_name: str | None = field(default=None, metadata={
