@@ -272,12 +272,37 @@ def apply_label_noise(ds: Dataset, rate: float, num_classes: int, seed: int) -> 
     return ds.remove_columns("label").add_column("label", labels.tolist(), feature=feature), flipped
 
 
+def _carve_validation(train: Dataset, fraction: float, seed: int, shown: str) -> tuple[Dataset, Dataset]:
+    """``(train, validation)``: ``fraction`` of ``train`` held out, seeded; stratified by label when every class
+    has >= 2 rows and both parts get at least one row per class, else a plain random split."""
+    n = len(train)
+    n_val = int(np.ceil(fraction * n))  # datasets' own rounding of a float test_size
+    if n_val < 1 or n - n_val < 1:
+        raise DataError(f"validation_split {fraction!r} of the {n} training images of {shown!r} leaves "
+                        f"{n - n_val} to train on and {n_val} to validate on; both need at least one")
+    counts = np.bincount(_label_values(train))
+    counts = counts[counts > 0]
+    stratify = "label" if counts.min() >= 2 and min(n_val, n - n_val) >= counts.size else None
+    if stratify is None:
+        logger.warning("validation_split: not stratified (%d classes, %d training images, smallest class %d)",
+                       counts.size, n, counts.min())
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"validation_split: could not carve {fraction!r} of the {n} training images of {shown!r}: "
+                        f"{type(err).__name__}: {err}") from err
+    return parts["train"], parts["test"]
+
+
 def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     """Load, normalize and prepare the dataset ``args`` describes (see :class:`DataArguments`)."""
     if not 0.0 <= args.validation_split < 1.0:
         raise DataError(f"validation_split must be in [0, 1); got {args.validation_split!r}")
     if not 0.0 <= args.label_noise <= 1.0:
         raise DataError(f"label_noise must be in [0, 1]; got {args.label_noise!r}")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise DataError(f"{flag} must be >= 1 (or unset); got {getattr(args, flag)!r}")
     source = _open_source(args)
     spec, shown = source.spec, args.dataset_path or args.dataset
     image_col = args.image_column or (spec.image_column if spec else None)
@@ -298,16 +323,16 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     label_col = _pick_column(sample, label_col, ClassLabel, "label")
     dsd, names = _normalize(raw, image_col, label_col, shown)
     train, test = dsd[args.train_split], dsd[eval_split]
+    for split, ds in ((args.train_split, train), (eval_split, test)):
+        if len(ds) == 0:
+            raise DataError(f"dataset: split {split!r} of {shown!r} is empty")
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples is not None:
         test = test.select(range(min(args.max_eval_samples, len(test))))
     validation = None
     if args.validation_split > 0:
-        counts = np.bincount(_label_values(train), minlength=len(names))
-        stratify = "label" if counts.min() >= 2 and round(args.validation_split * len(train)) >= len(names) else None
-        parts = train.train_test_split(test_size=args.validation_split, seed=seed, stratify_by_column=stratify)
-        train, validation = parts["train"], parts["test"]
+        train, validation = _carve_validation(train, args.validation_split, seed, shown)
     noise = None
     if args.label_noise > 0:
         noise_seed = seed if args.label_noise_seed is None else args.label_noise_seed

@@ -347,3 +347,25 @@ def test_split_folders_whose_eval_lacks_a_class(tmp_path):
     _image_folders(root, {"test": ["zebra"]})
     with pytest.raises(DataError, match="'zebra'"):
         load_image_data(DataArguments(dataset=str(root)))
+
+
+# ------------------------------------------------------------------------------------ sizes, carving, sampling
+def test_validation_split_sizes_are_errors_or_unstratified(tmp_path):
+    two_per_class = write_hub_copy(tmp_path, "cifar10", n_train=20, labels={"train": [i % 10 for i in range(20)]})
+    args = dict(dataset="cifar10", dataset_path=str(two_per_class))
+    with pytest.raises(DataError, match=r"validation_split 0.999 .* leaves 0 to train on and 20 to validate on"):
+        load_image_data(DataArguments(**args, validation_split=0.999))
+    # 12 held out, 8 left: fewer than the 10 classes, so no stratification (datasets would raise ValueError)
+    data = load_image_data(DataArguments(**args, validation_split=0.6))
+    assert (len(data.train), len(data.validation)) == (8, 12)
+    data = load_image_data(DataArguments(**args, validation_split=0.5))  # 10 / 10: stratified, one per class
+    assert sorted(data.validation["label"]) == list(range(10)) and sorted(data.train["label"]) == list(range(10))
+
+
+def test_sample_limits_below_one_and_empty_splits_are_errors(tmp_path, hub_copies):
+    for flag in ("max_train_samples", "max_eval_samples"):
+        with pytest.raises(DataError, match=rf"^{flag} must be >= 1 \(or unset\); got 0$"):
+            load_image_data(DataArguments(**{flag: 0}))
+    empty = write_hub_copy(tmp_path, "cifar10", n_eval=0)
+    with pytest.raises(DataError, match="split 'test' of .*(is empty|corresponds to no data)"):
+        load_image_data(DataArguments(dataset="cifar10", dataset_path=str(empty)))
