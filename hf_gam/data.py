@@ -77,8 +77,10 @@ class DataArguments:
     validation_split: float = field(default=0.0, metadata={"help": (
         "Fraction of train carved out (stratified, seeded) as a validation set used for evaluation during training "
         "(the paper tuned on 10%% of train). The final evaluation still runs on --eval_split.")})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation images."})
+    max_train_samples: int | None = field(default=None, metadata={"help": (
+        "Keep N training images drawn at random (seeded by --seed), e.g. for quick runs.")})
+    max_eval_samples: int | None = field(default=None, metadata={"help": (
+        "Evaluate on N images of --eval_split drawn at random (seeded by --seed); the card says it is a subset.")})
     augment: Augment | None = field(default=None, metadata={"help": (
         "Train augmentation: none | basic (random crop with 1/8 padding + horizontal flip) | cutout (basic + "
         "random erasing of one square) | randaugment | autoaugment (basic + torchvision's policy). Default: the "
@@ -326,10 +328,12 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     for split, ds in ((args.train_split, train), (eval_split, test)):
         if len(ds) == 0:
             raise DataError(f"dataset: split {split!r} of {shown!r} is empty")
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples is not None:
-        test = test.select(range(min(args.max_eval_samples, len(test))))
+    # a seeded random subset, as transformers' run_image_classification does (the first N rows of class-sorted
+    # data would hold one class)
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
+    if args.max_eval_samples is not None and args.max_eval_samples < len(test):
+        test = test.shuffle(seed=seed).select(range(args.max_eval_samples))
     validation = None
     if args.validation_split > 0:
         train, validation = _carve_validation(train, args.validation_split, seed, shown)

@@ -369,3 +369,16 @@ def test_sample_limits_below_one_and_empty_splits_are_errors(tmp_path, hub_copie
     empty = write_hub_copy(tmp_path, "cifar10", n_eval=0)
     with pytest.raises(DataError, match="split 'test' of .*(is empty|corresponds to no data)"):
         load_image_data(DataArguments(dataset="cifar10", dataset_path=str(empty)))
+
+
+def test_sample_limits_draw_a_seeded_random_subset(tmp_path):
+    """Class-sorted data (as many exports are): the first 6 rows would all be class 0."""
+    sorted_labels = {"train": [i // 4 for i in range(20)], "test": [i // 4 for i in range(20)]}
+    path = write_hub_copy(tmp_path, "cifar10", n_train=20, n_eval=20, labels=sorted_labels)
+    args = DataArguments(dataset="cifar10", dataset_path=str(path), max_train_samples=6, max_eval_samples=6)
+    data = load_image_data(args, seed=3)
+    assert len(data.train) == 6 and len(data.eval) == 6
+    assert len(set(data.train["label"])) > 1 and len(set(data.eval["label"])) > 1
+    assert load_image_data(args, seed=3).train["label"] == data.train["label"]  # reproducible
+    assert len(load_image_data(DataArguments(dataset="cifar10", dataset_path=str(path), max_train_samples=50)).train) \
+        == 20
