@@ -373,7 +373,7 @@ def test_sample_limits_below_one_and_empty_splits_are_errors(tmp_path, hub_copie
 
 def test_sample_limits_draw_a_seeded_random_subset(tmp_path):
     """Class-sorted data (as many exports are): the first 6 rows would all be class 0."""
-    sorted_labels = {"train": [i // 4 for i in range(20)], "test": [i // 4 for i in range(20)]}
+    sorted_labels = {"train": [i // 10 for i in range(20)], "test": [i // 10 for i in range(20)]}
     path = write_hub_copy(tmp_path, "cifar10", n_train=20, n_eval=20, labels=sorted_labels)
     args = DataArguments(dataset="cifar10", dataset_path=str(path), max_train_samples=6, max_eval_samples=6)
     data = load_image_data(args, seed=3)
