@@ -207,6 +207,28 @@ def _eval_batches(ds, transform, n: int, batch_size: int) -> list[dict]:
     return [b for _, b in zip(range(n), loader)]
 
 
+def _card_dataset_args(data, data_args) -> str | dict | None:
+    """The model-index's dataset config (``--dataset_config``) or, when the classes come from a label column other
+    than the dataset's default (``--cifar100_labels coarse``, ``--label_column``), loading arguments naming it."""
+    from .data import DATASETS
+
+    spec = DATASETS.get(data.name)
+    default = spec.label_column if spec else "label"
+    if data.label_column in (None, default):
+        return data_args.dataset_config
+    return {**({"name": data_args.dataset_config} if data_args.dataset_config else {}),
+            "label_column": data.label_column}
+
+
+def _eval_subset(data, seed: int) -> dict[str, str]:
+    """A card row saying the results come from a random subset of the evaluation split (``--max_eval_samples``)."""
+    total = data.eval_total or len(data.eval)
+    if len(data.eval) >= total:
+        return {}
+    return {"eval_subset": f"results on {len(data.eval)} of the {total} images of split {data.eval_split!r}, drawn at "
+                           f"random (--max_eval_samples, seed {seed}), not on the whole split"}
+
+
 def train(model_args, data_args, run_args, args) -> dict[str, float]:
     """Load, train, evaluate, save (weights, config, image processor, metrics, model card) and optionally push."""
     from .data import build_transforms, collate, load_image_data, with_transform
@@ -260,11 +282,12 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
                                                            "zeroth_order_flatness") if k in flat})
 
     card = {"model_name": os.path.basename(os.path.normpath(args.output_dir)), "finetuned_from": loaded.base_model,
-            "dataset": data.hub_id or data.name, "results": metrics,
-            "label_noise": data.noise, "eval_split": data.eval_split, "flatness": flat,
+            "dataset": data.hub_id or data.name, "dataset_args": _card_dataset_args(data, data_args),
+            "results": metrics, "label_noise": data.noise, "eval_split": data.eval_split, "flatness": flat,
             "extra": {"model": model_args.model, "from_scratch": loaded.from_scratch, "augment": augment,
-                      "classes": len(data.class_names), "train_examples": len(data.train),
-                      "eval_split": data.eval_split, **model_summary(trainer.model)}}
+                      "classes": len(data.class_names), "label_column": data.label_column,
+                      "train_examples": len(data.train), "eval_split": data.eval_split,
+                      **_eval_subset(data, args.seed), **model_summary(trainer.model)}}
     if args.push_to_hub:  # saves the model and writes the same card (GAMTrainer.create_model_card), then uploads
         trainer.push_to_hub(commit_message="hf-gam train", **{k: v for k, v in card.items() if k != "model_name"})
     else:

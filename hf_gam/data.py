@@ -104,6 +104,8 @@ class ImageData:
     image_size: int = 224
     default_augment: str = "basic"
     noise: dict[str, Any] | None = None
+    label_column: str | None = None  # the source's label column the classes come from
+    eval_total: int | None = None  # rows of the evaluation split before --max_eval_samples
 
 
 def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -325,6 +327,7 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     label_col = _pick_column(sample, label_col, ClassLabel, "label")
     dsd, names = _normalize(raw, image_col, label_col, shown)
     train, test = dsd[args.train_split], dsd[eval_split]
+    eval_total = len(test)
     for split, ds in ((args.train_split, train), (eval_split, test)):
         if len(ds) == 0:
             raise DataError(f"dataset: split {split!r} of {shown!r} is empty")
@@ -345,4 +348,5 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         logger.warning("label noise: flipped %(flipped)d of %(total)d training labels (rate %(rate)s)", noise)
     return ImageData(train=train, eval=test, class_names=names, name=args.dataset, hub_id=source.hub_id,
                      eval_split=eval_split, validation=validation, image_size=spec.image_size if spec else 224,
-                     default_augment=spec.default_augment if spec else "basic", noise=noise)
+                     default_augment=spec.default_augment if spec else "basic", noise=noise, label_column=label_col,
+                     eval_total=eval_total)

@@ -163,6 +163,23 @@ def test_flatness_measures_the_saved_model_or_fails(tmp_path, hub_copies, capsys
     assert torch.equal(loaded.model.classifier.weight, saved.classifier.weight)
 
 
+def test_card_names_the_label_column_and_an_eval_subset(tmp_path, hub_copies, tiny_vit_dir, tiny_train_flags):
+    """--cifar100_labels coarse: the model-index says the results are on the coarse labels (not the default fine
+    ones); --max_eval_samples: the card says the results come from a random subset of the split."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    assert main(["train", "--dataset", "cifar100", "--dataset_path", str(hub_copies["cifar100"]), "--model",
+                 str(tiny_vit_dir), "--cifar100_labels", "coarse", "--max_eval_samples", "3", "--output_dir", str(out),
+                 *tiny_train_flags]) == 0
+    card = ModelCard.load(out / "README.md")
+    entry = card.data.eval_results[0]
+    assert entry.dataset_type == "uoft-cs/cifar100" and entry.dataset_split == "test"
+    assert entry.dataset_args == {"label_column": "coarse_label"}
+    assert "results on 3 of the 4 images of split 'test', drawn at random" in card.text
+    assert "| label_column | coarse_label |" in card.text
+
+
 def test_help_and_usage(capsys):
     assert main([]) == 2
     assert main(["--help"]) == 0
