@@ -76,7 +76,8 @@ class DataArguments:
         "Split to evaluate on; default: the dataset's (test, or validation for food101; else whichever exists).")})
     validation_split: float = field(default=0.0, metadata={"help": (
         "Fraction of train carved out (stratified, seeded) as a validation set used for evaluation during training "
-        "(the paper tuned on 10%% of train). The final evaluation still runs on --eval_split.")})
+        "(the paper tuned on 10%% of train). The final evaluation still runs on --eval_split; a dataset without an "
+        "evaluation split (e.g. an imagefolder of class folders only) is evaluated on this held-out part.")})
     max_train_samples: int | None = field(default=None, metadata={"help": (
         "Keep N training images drawn at random (seeded by --seed), e.g. for quick runs.")})
     max_eval_samples: int | None = field(default=None, metadata={"help": (
@@ -319,27 +320,38 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     eval_split = args.eval_split or (spec.eval_split if spec else None)
     if eval_split is None:
         eval_split = next((s for s in ("test", "validation", "valid", "val") if s in source.splits), None)
-    if eval_split is None or eval_split not in source.splits:
+    held_out = eval_split is None and args.validation_split > 0  # evaluate on the carved part of train
+    if eval_split is None and not held_out:
+        raise DataError(f"eval_split: no evaluation split (test/validation/valid/val) found in {shown!r} (splits "
+                        f"found: {found}); pass --eval_split SPLIT or --validation_split FRACTION")
+    if not held_out and eval_split not in source.splits:
         raise DataError(f"eval_split: {shown!r} has no split {eval_split!r}; splits found: {found}")
-    raw = source.read(list(dict.fromkeys([args.train_split, eval_split])))
+    raw = source.read([args.train_split] if held_out else list(dict.fromkeys([args.train_split, eval_split])))
     sample = raw[args.train_split]
     image_col = _pick_column(sample, image_col, Image, "image")
     label_col = _pick_column(sample, label_col, ClassLabel, "label")
     dsd, names = _normalize(raw, image_col, label_col, shown)
-    train, test = dsd[args.train_split], dsd[eval_split]
-    eval_total = len(test)
-    for split, ds in ((args.train_split, train), (eval_split, test)):
+    train = dsd[args.train_split]
+    for split, ds in dsd.items():
         if len(ds) == 0:
             raise DataError(f"dataset: split {split!r} of {shown!r} is empty")
     # a seeded random subset, as transformers' run_image_classification does (the first N rows of class-sorted
     # data would hold one class)
     if args.max_train_samples is not None and args.max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(args.max_train_samples))
-    if args.max_eval_samples is not None and args.max_eval_samples < len(test):
-        test = test.shuffle(seed=seed).select(range(args.max_eval_samples))
     validation = None
     if args.validation_split > 0:
         train, validation = _carve_validation(train, args.validation_split, seed, shown)
+    if held_out:  # the held-out part is the evaluation set (during training and at the end)
+        test, validation = validation, None
+        eval_split = f"{args.train_split} (held-out {args.validation_split:g})"
+        logger.warning("no evaluation split in %s: evaluating on the %d images held out of %r by --validation_split",
+                       shown, len(test), args.train_split)
+    else:
+        test = dsd[eval_split]
+    eval_total = len(test)
+    if args.max_eval_samples is not None and args.max_eval_samples < len(test):
+        test = test.shuffle(seed=seed).select(range(args.max_eval_samples))
     noise = None
     if args.label_noise > 0:
         noise_seed = seed if args.label_noise_seed is None else args.label_noise_seed

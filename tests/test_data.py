@@ -382,3 +382,14 @@ def test_sample_limits_draw_a_seeded_random_subset(tmp_path):
     assert load_image_data(args, seed=3).train["label"] == data.train["label"]  # reproducible
     assert len(load_image_data(DataArguments(dataset="cifar10", dataset_path=str(path), max_train_samples=50)).train) \
         == 20
+
+
+def test_class_folders_only_need_an_eval_split_or_a_held_out_part(tmp_path):
+    root = _image_folders(tmp_path / "f", {"": ["x", "y"]}, per_class=4)
+    with pytest.raises(DataError) as err:
+        load_image_data(DataArguments(dataset="imagefolder", dataset_path=str(root)))
+    assert "no evaluation split (test/validation/valid/val) found in" in str(err.value)
+    assert "pass --eval_split SPLIT or --validation_split FRACTION" in str(err.value) and "None" not in str(err.value)
+    data = load_image_data(DataArguments(dataset="imagefolder", dataset_path=str(root), validation_split=0.25))
+    assert (len(data.train), len(data.eval), data.validation) == (6, 2, None)
+    assert sorted(data.eval["label"]) == [0, 1] and data.eval_split == "train (held-out 0.25)"
