@@ -66,9 +66,9 @@ class DataArguments:
         "subfolders.")})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name, if any."})
     image_column: str | None = field(default=None, metadata={"help": (
-        "Image column; default: the registry's, else the only Image feature, else 'image'.")})
+        "Image column; default: the registry's, else a column named 'image', else the only Image column.")})
     label_column: str | None = field(default=None, metadata={"help": (
-        "Label column; default: the registry's, else the only ClassLabel feature, else 'label'.")})
+        "Label column; default: the registry's, else a column named 'label', else the only ClassLabel column.")})
     cifar100_labels: Literal["fine", "coarse"] = field(default="fine", metadata={"help": (
         "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses).")})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -229,9 +229,22 @@ def _load_all(path: str, shown: str, **kwargs) -> DatasetDict:
 
 
 def _pick_column(ds: Dataset, given: str | None, feature_type: type, fallback: str) -> str:
-    """``given``, else the only column of ``feature_type``, else ``fallback``."""
+    """``given``, else a column literally named ``fallback`` (``image``, ``label``), else the only column of
+    ``feature_type``, else ``fallback`` (whose absence is then reported). The choice is logged."""
+    if given:
+        return given
     typed = [c for c, f in ds.features.items() if isinstance(f, feature_type)]
-    return given or (typed[0] if len(typed) == 1 else fallback)
+    if fallback in ds.column_names:
+        chosen, why = fallback, "its name"
+    elif len(typed) == 1:
+        chosen, why = typed[0], f"the only {feature_type.__name__} column"
+    else:
+        return fallback
+    others = [c for c in typed if c != chosen]
+    log = logger.warning if others else logger.info
+    log("%s_column: using column %r (%s)%s; pass --%s_column to choose another", fallback, chosen, why,
+        f", not {', '.join(map(repr, others))}" if others else "", fallback)
+    return chosen
 
 
 def _normalize(raw: dict[str, Dataset], image_col: str, label_col: str, shown: str) -> tuple[dict, list[str]]:

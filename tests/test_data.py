@@ -393,3 +393,24 @@ def test_class_folders_only_need_an_eval_split_or_a_held_out_part(tmp_path):
     data = load_image_data(DataArguments(dataset="imagefolder", dataset_path=str(root), validation_split=0.25))
     assert (len(data.train), len(data.eval), data.validation) == (6, 2, None)
     assert sorted(data.eval["label"]) == [0, 1] and data.eval_split == "train (held-out 0.25)"
+
+
+def test_a_column_named_label_wins_over_a_lone_classlabel(tmp_path, caplog):
+    """An unregistered dataset with an integer `label` column and one ClassLabel column of another name (a coarse
+    grouping, say): `label` is the label; the choice is logged."""
+    import logging
+
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+
+    rng = np.random.default_rng(0)
+    features = Features({"image": Image(), "label": Value("int64"), "group": ClassLabel(names=["odd", "even"])})
+    for split, n in (("train", 6), ("test", 3)):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        Dataset.from_dict({"image": [random_image(rng, i) for i in range(n)], "label": [i % 3 for i in range(n)],
+                           "group": [i % 2 for i in range(n)]}, features=features).to_parquet(
+            str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    with caplog.at_level(logging.INFO, logger="hf_gam.data"):
+        data = load_image_data(DataArguments(dataset=str(tmp_path)))
+    assert data.class_names == ["0", "1", "2"] and data.label_column == "label"
+    assert "label_column: using column 'label' (its name), not 'group'" in caplog.text
+    assert load_image_data(DataArguments(dataset=str(tmp_path), label_column="group")).class_names == ["odd", "even"]
