@@ -130,7 +130,7 @@ def test_flatness_compare_uses_its_own_processor(tmp_path, hub_copies, capsys):
             "lambda_max": 1.0, "hessian_trace": 1.0, "first_order_flatness": 1.0, "zeroth_order_flatness": 1.0}) as run:
         assert main(["flatness", "--model", str(first), "--compare", str(second), *data, "--batch_size", "4",
                      "--output_dir", str(tmp_path / "r"), *FLATNESS_TINY]) == 0, capsys.readouterr().err
-    model, batches = run.call_args.args[:2]
+    batches = run.call_args.args[1]
     kwargs = run.call_args.kwargs
     assert batches[0]["pixel_values"].shape[-2:] == (16, 16)
     assert kwargs["compare_batches"][0]["pixel_values"].shape[-2:] == (24, 24)
@@ -143,7 +143,7 @@ def test_flatness_measures_the_saved_model_or_fails(tmp_path, hub_copies, capsys
     line), not a silently re-initialized head; matching classes load with the saved head unchanged."""
     from transformers import AutoModelForImageClassification
 
-    import hf_gam.models as models
+    from hf_gam import models
 
     names = HUB_LAYOUTS["cifar10"]["names"]
     data = ["--dataset", "cifar10", "--dataset_path", str(hub_copies["cifar10"])]

@@ -352,7 +352,7 @@ def test_split_folders_whose_eval_lacks_a_class(tmp_path):
 # ------------------------------------------------------------------------------------ sizes, carving, sampling
 def test_validation_split_sizes_are_errors_or_unstratified(tmp_path):
     two_per_class = write_hub_copy(tmp_path, "cifar10", n_train=20, labels={"train": [i % 10 for i in range(20)]})
-    args = dict(dataset="cifar10", dataset_path=str(two_per_class))
+    args = {"dataset": "cifar10", "dataset_path": str(two_per_class)}
     with pytest.raises(DataError, match=r"validation_split 0.999 .* leaves 0 to train on and 20 to validate on"):
         load_image_data(DataArguments(**args, validation_split=0.999))
     # 12 held out, 8 left: fewer than the 10 classes, so no stratification (datasets would raise ValueError)
