@@ -162,7 +162,21 @@ def parse_train_args(argv: list[str]):
         raise UsageError("remove_unused_columns must be False for hf-gam train (images are transformed on the fly "
                          "from the 'image' column); got True")
     run_args.flatness = flat_args
+    if run_args.flatness_at_end:
+        check_flatness_args(flat_args, flatness_batches=run_args.flatness_batches)
     return model_args, data_args, run_args, args
+
+
+def check_flatness_args(flat_args, **counts: int) -> None:
+    """The flatness settings (:meth:`FlatnessArguments.validate`) and the batch counts (``flatness_batches``,
+    ``batch_size``: ints >= 1), as a :class:`UsageError` naming the flag and its value, before any compute."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be an int >= 1; got {value!r}")
+    try:
+        flat_args.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def check_push(args) -> None:
@@ -191,6 +205,28 @@ def _eval_batches(ds, transform, n: int, batch_size: int) -> list[dict]:
 
     loader = DataLoader(with_transform(ds, transform), batch_size=batch_size, shuffle=False, collate_fn=collate)
     return [b for _, b in zip(range(n), loader)]
+
+
+def _card_dataset_args(data, data_args) -> str | dict | None:
+    """The model-index's dataset config (``--dataset_config``) or, when the classes come from a label column other
+    than the dataset's default (``--cifar100_labels coarse``, ``--label_column``), loading arguments naming it."""
+    from .data import DATASETS
+
+    spec = DATASETS.get(data.name)
+    default = spec.label_column if spec else "label"
+    if data.label_column in (None, default):
+        return data_args.dataset_config
+    return {**({"name": data_args.dataset_config} if data_args.dataset_config else {}),
+            "label_column": data.label_column}
+
+
+def _eval_subset(data, seed: int) -> dict[str, str]:
+    """A card row saying the results come from a random subset of the evaluation split (``--max_eval_samples``)."""
+    total = data.eval_total or len(data.eval)
+    if len(data.eval) >= total:
+        return {}
+    return {"eval_subset": f"results on {len(data.eval)} of the {total} images of split {data.eval_split!r}, drawn at "
+                           f"random (--max_eval_samples, seed {seed}), not on the whole split"}
 
 
 def train(model_args, data_args, run_args, args) -> dict[str, float]:
@@ -246,11 +282,12 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
                                                            "zeroth_order_flatness") if k in flat})
 
     card = {"model_name": os.path.basename(os.path.normpath(args.output_dir)), "finetuned_from": loaded.base_model,
-            "dataset": data.hub_id or data.name, "results": metrics,
-            "label_noise": data.noise, "eval_split": data.eval_split, "flatness": flat,
+            "dataset": data.hub_id or data.name, "dataset_args": _card_dataset_args(data, data_args),
+            "results": metrics, "label_noise": data.noise, "eval_split": data.eval_split, "flatness": flat,
             "extra": {"model": model_args.model, "from_scratch": loaded.from_scratch, "augment": augment,
-                      "classes": len(data.class_names), "train_examples": len(data.train),
-                      "eval_split": data.eval_split, **model_summary(trainer.model)}}
+                      "classes": len(data.class_names), "label_column": data.label_column,
+                      "train_examples": len(data.train), "eval_split": data.eval_split,
+                      **_eval_subset(data, args.seed), **model_summary(trainer.model)}}
     if args.push_to_hub:  # saves the model and writes the same card (GAMTrainer.create_model_card), then uploads
         trainer.push_to_hub(commit_message="hf-gam train", **{k: v for k, v in card.items() if k != "model_name"})
     else:
@@ -284,22 +321,28 @@ def flatness_main(argv: list[str]) -> int:
 
     from .data import DataArguments, DataError, build_transforms, load_image_data
     from .flatness import FlatnessArguments, run_flatness
-    from .models import ModelArguments, ModelLoadError, load_model
+    from .models import ModelArguments, ModelLoadError, load_trained_model
 
     parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),
                               prog="hf-gam flatness", description="Flatness of a trained image classifier.")
-    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        argv = _config_to_argv(_read_config_file(argv[0]), parser, argv[0])
-    model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
     try:
+        if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+            argv = _config_to_argv(_read_config_file(argv[0]), parser, argv[0])
+        model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
+        check_flatness_args(fa, flatness_batches=run.flatness_batches, batch_size=run.batch_size)
         data = load_image_data(data_args)
-        loaded = load_model(model_args, data.class_names, default_image_size=data.image_size)
-        _, eval_tf = build_transforms(loaded.processor, "none")
-        batches = _eval_batches(data.train if run.split == "train" else data.eval, eval_tf, run.flatness_batches,
+        measured = data.train if run.split == "train" else data.eval
+        # each model as saved (its own head and classes) on the batches its own image processor makes
+        loaded = load_trained_model(model_args, data.class_names, default_image_size=data.image_size)
+        batches = _eval_batches(measured, build_transforms(loaded.processor, "none")[1], run.flatness_batches,
                                 run.batch_size)
-        compare = None
+        compare = compare_batches = None
         if fa.flatness_compare:
-            compare = load_model(ModelArguments(model=fa.flatness_compare), data.class_names, data.image_size).model
+            other = load_trained_model(ModelArguments(model=fa.flatness_compare, image_size=model_args.image_size),
+                                       data.class_names, default_image_size=data.image_size)
+            compare = other.model
+            compare_batches = _eval_batches(measured, build_transforms(other.processor, "none")[1],
+                                            run.flatness_batches, run.batch_size)
     except (UsageError, DataError, ModelLoadError) as err:
         print(f"hf-gam: error: {err}", file=sys.stderr)
         return 2
@@ -307,7 +350,8 @@ def flatness_main(argv: list[str]) -> int:
     settings.setdefault("name", os.path.basename(os.path.normpath(model_args.model)))
     if compare is not None:
         settings.setdefault("compare_name", os.path.basename(os.path.normpath(fa.flatness_compare)))
-    result = run_flatness(loaded.model, batches, run.output_dir, compare_model=compare, **settings)
+    result = run_flatness(loaded.model, batches, run.output_dir, compare_model=compare, compare_batches=compare_batches,
+                          **settings)
     print(f"lambda_max {result['lambda_max']:.4g}, trace {result['hessian_trace']:.4g}, R1 "
           f"{result['first_order_flatness']:.4g}, R0 {result['zeroth_order_flatness']:.4g}; written to "
           f"{run.output_dir}", flush=True)

@@ -66,9 +66,9 @@ class DataArguments:
         "subfolders.")})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name, if any."})
     image_column: str | None = field(default=None, metadata={"help": (
-        "Image column; default: the registry's, else the only Image feature, else 'image'.")})
+        "Image column; default: the registry's, else a column named 'image', else the only Image column.")})
     label_column: str | None = field(default=None, metadata={"help": (
-        "Label column; default: the registry's, else the only ClassLabel feature, else 'label'.")})
+        "Label column; default: the registry's, else a column named 'label', else the only ClassLabel column.")})
     cifar100_labels: Literal["fine", "coarse"] = field(default="fine", metadata={"help": (
         "CIFAR-100 labels: fine (100 classes) or coarse (20 superclasses).")})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -76,9 +76,12 @@ class DataArguments:
         "Split to evaluate on; default: the dataset's (test, or validation for food101; else whichever exists).")})
     validation_split: float = field(default=0.0, metadata={"help": (
         "Fraction of train carved out (stratified, seeded) as a validation set used for evaluation during training "
-        "(the paper tuned on 10%% of train). The final evaluation still runs on --eval_split.")})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation images."})
+        "(the paper tuned on 10%% of train). The final evaluation still runs on --eval_split; a dataset without an "
+        "evaluation split (e.g. an imagefolder of class folders only) is evaluated on this held-out part.")})
+    max_train_samples: int | None = field(default=None, metadata={"help": (
+        "Keep N training images drawn at random (seeded by --seed), e.g. for quick runs.")})
+    max_eval_samples: int | None = field(default=None, metadata={"help": (
+        "Evaluate on N images of --eval_split drawn at random (seeded by --seed); the card says it is a subset.")})
     augment: Augment | None = field(default=None, metadata={"help": (
         "Train augmentation: none | basic (random crop with 1/8 padding + horizontal flip) | cutout (basic + "
         "random erasing of one square) | randaugment | autoaugment (basic + torchvision's policy). Default: the "
@@ -102,6 +105,8 @@ class ImageData:
     image_size: int = 224
     default_augment: str = "basic"
     noise: dict[str, Any] | None = None
+    label_column: str | None = None  # the source's label column the classes come from
+    eval_total: int | None = None  # rows of the evaluation split before --max_eval_samples
 
 
 def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -188,9 +193,10 @@ def split_files(path: str, config: str | None = None) -> dict[str, list[str]] | 
     if config is not None:
         return None
     try:
-        return get_data_patterns(path if local else f"hf://datasets/{path}")
+        patterns = get_data_patterns(path if local else f"hf://datasets/{path}")
     except Exception:  # noqa: BLE001
         return None
+    return {str(k): list(v) for k, v in patterns.items()}  # NamedSplit keys -> split names
 
 
 def _repo_source(path: str, config: str | None, spec: DatasetSpec | None, hub_id: str | None) -> _Source:
@@ -223,9 +229,22 @@ def _load_all(path: str, shown: str, **kwargs) -> DatasetDict:
 
 
 def _pick_column(ds: Dataset, given: str | None, feature_type: type, fallback: str) -> str:
-    """``given``, else the only column of ``feature_type``, else ``fallback``."""
+    """``given``, else a column literally named ``fallback`` (``image``, ``label``), else the only column of
+    ``feature_type``, else ``fallback`` (whose absence is then reported). The choice is logged."""
+    if given:
+        return given
     typed = [c for c, f in ds.features.items() if isinstance(f, feature_type)]
-    return given or (typed[0] if len(typed) == 1 else fallback)
+    if fallback in ds.column_names:
+        chosen, why = fallback, "its name"
+    elif len(typed) == 1:
+        chosen, why = typed[0], f"the only {feature_type.__name__} column"
+    else:
+        return fallback
+    others = [c for c in typed if c != chosen]
+    log = logger.warning if others else logger.info
+    log("%s_column: using column %r (%s)%s; pass --%s_column to choose another", fallback, chosen, why,
+        f", not {', '.join(map(repr, others))}" if others else "", fallback)
+    return chosen
 
 
 def _normalize(raw: dict[str, Dataset], image_col: str, label_col: str, shown: str) -> tuple[dict, list[str]]:
@@ -271,12 +290,37 @@ def apply_label_noise(ds: Dataset, rate: float, num_classes: int, seed: int) -> 
     return ds.remove_columns("label").add_column("label", labels.tolist(), feature=feature), flipped
 
 
+def _carve_validation(train: Dataset, fraction: float, seed: int, shown: str) -> tuple[Dataset, Dataset]:
+    """``(train, validation)``: ``fraction`` of ``train`` held out, seeded; stratified by label when every class
+    has >= 2 rows and both parts get at least one row per class, else a plain random split."""
+    n = len(train)
+    n_val = int(np.ceil(fraction * n))  # datasets' own rounding of a float test_size
+    if n_val < 1 or n - n_val < 1:
+        raise DataError(f"validation_split {fraction!r} of the {n} training images of {shown!r} leaves "
+                        f"{n - n_val} to train on and {n_val} to validate on; both need at least one")
+    counts = np.bincount(_label_values(train))
+    counts = counts[counts > 0]
+    stratify = "label" if counts.min() >= 2 and min(n_val, n - n_val) >= counts.size else None
+    if stratify is None:
+        logger.warning("validation_split: not stratified (%d classes, %d training images, smallest class %d)",
+                       counts.size, n, counts.min())
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"validation_split: could not carve {fraction!r} of the {n} training images of {shown!r}: "
+                        f"{type(err).__name__}: {err}") from err
+    return parts["train"], parts["test"]
+
+
 def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     """Load, normalize and prepare the dataset ``args`` describes (see :class:`DataArguments`)."""
     if not 0.0 <= args.validation_split < 1.0:
         raise DataError(f"validation_split must be in [0, 1); got {args.validation_split!r}")
     if not 0.0 <= args.label_noise <= 1.0:
         raise DataError(f"label_noise must be in [0, 1]; got {args.label_noise!r}")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise DataError(f"{flag} must be >= 1 (or unset); got {getattr(args, flag)!r}")
     source = _open_source(args)
     spec, shown = source.spec, args.dataset_path or args.dataset
     image_col = args.image_column or (spec.image_column if spec else None)
@@ -289,24 +333,38 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     eval_split = args.eval_split or (spec.eval_split if spec else None)
     if eval_split is None:
         eval_split = next((s for s in ("test", "validation", "valid", "val") if s in source.splits), None)
-    if eval_split is None or eval_split not in source.splits:
+    held_out = eval_split is None and args.validation_split > 0  # evaluate on the carved part of train
+    if eval_split is None and not held_out:
+        raise DataError(f"eval_split: no evaluation split (test/validation/valid/val) found in {shown!r} (splits "
+                        f"found: {found}); pass --eval_split SPLIT or --validation_split FRACTION")
+    if not held_out and eval_split not in source.splits:
         raise DataError(f"eval_split: {shown!r} has no split {eval_split!r}; splits found: {found}")
-    raw = source.read(list(dict.fromkeys([args.train_split, eval_split])))
+    raw = source.read([args.train_split] if held_out else list(dict.fromkeys([args.train_split, eval_split])))
     sample = raw[args.train_split]
     image_col = _pick_column(sample, image_col, Image, "image")
     label_col = _pick_column(sample, label_col, ClassLabel, "label")
     dsd, names = _normalize(raw, image_col, label_col, shown)
-    train, test = dsd[args.train_split], dsd[eval_split]
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples is not None:
-        test = test.select(range(min(args.max_eval_samples, len(test))))
+    train = dsd[args.train_split]
+    for split, ds in dsd.items():
+        if len(ds) == 0:
+            raise DataError(f"dataset: split {split!r} of {shown!r} is empty")
+    # a seeded random subset, as transformers' run_image_classification does (the first N rows of class-sorted
+    # data would hold one class)
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
     validation = None
     if args.validation_split > 0:
-        counts = np.bincount(_label_values(train), minlength=len(names))
-        stratify = "label" if counts.min() >= 2 and round(args.validation_split * len(train)) >= len(names) else None
-        parts = train.train_test_split(test_size=args.validation_split, seed=seed, stratify_by_column=stratify)
-        train, validation = parts["train"], parts["test"]
+        train, validation = _carve_validation(train, args.validation_split, seed, shown)
+    if held_out:  # the held-out part is the evaluation set (during training and at the end)
+        test, validation = validation, None
+        eval_split = f"{args.train_split} (held-out {args.validation_split:g})"
+        logger.warning("no evaluation split in %s: evaluating on the %d images held out of %r by --validation_split",
+                       shown, len(test), args.train_split)
+    else:
+        test = dsd[eval_split]
+    eval_total = len(test)
+    if args.max_eval_samples is not None and args.max_eval_samples < len(test):
+        test = test.shuffle(seed=seed).select(range(args.max_eval_samples))
     noise = None
     if args.label_noise > 0:
         noise_seed = seed if args.label_noise_seed is None else args.label_noise_seed
@@ -315,4 +373,5 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         logger.warning("label noise: flipped %(flipped)d of %(total)d training labels (rate %(rate)s)", noise)
     return ImageData(train=train, eval=test, class_names=names, name=args.dataset, hub_id=source.hub_id,
                      eval_split=eval_split, validation=validation, image_size=spec.image_size if spec else 224,
-                     default_augment=spec.default_augment if spec else "basic", noise=noise)
+                     default_augment=spec.default_augment if spec else "basic", noise=noise, label_column=label_col,
+                     eval_total=eval_total)

@@ -2,8 +2,9 @@
 
 Each split is loaded with its own features (``datasets`` would otherwise apply the first file's features to every
 split and cast class ids blindly). Then: a ``ClassLabel`` split whose names are the same set in another order is
-remapped by name; different names, strings mixed with class ids, missing (None) labels and non-label columns are a
-:class:`DataError` naming the column and the value; plain integers are class ids ``0..max`` (a warning when none is
+remapped by name, and so is one whose names are a subset of the training split's (an imagefolder's test/ folder
+may lack some classes); a class the training split lacks, strings mixed with class ids, missing (None) labels and
+non-label columns are a :class:`DataError` naming the column and the value; plain integers are class ids ``0..max`` (a warning when none is
 0: numbered from 1, class "0" would be empty); plain strings become classes in sorted order."""
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def unify_labels(splits: dict[str, Dataset], column: str, shown: str) -> tuple[d
     for split, ds in splits.items():
         feature = ds.features["label"]
         if kinds[split] == "class" and list(feature.names) != names:
-            if sorted(feature.names) != sorted(names):
-                extra = sorted(set(feature.names) ^ set(names))[:5]
-                raise DataError(f"label_column: the classes of column {column!r} differ between splits {source!r} "
-                                f"and {split!r} of {shown!r} (e.g. {', '.join(map(repr, extra))} is in only one)")
+            extra = sorted(set(feature.names) - set(names))[:5]
+            if extra:  # an evaluation split may lack classes (an imagefolder's test/ without some class folders)
+                raise DataError(f"label_column: split {split!r} of {shown!r} has classes that split {source!r} lacks "
+                                f"in column {column!r} (e.g. {', '.join(map(repr, extra))})")
             index = {n: i for i, n in enumerate(names)}
             remap = np.array([index[n] for n in feature.names])
             labels = label_values(ds)

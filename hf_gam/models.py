@@ -188,3 +188,40 @@ def model_summary(model: PreTrainedModel) -> dict:
     if getattr(config, "architecture", None):
         summary["timm_architecture"] = config.architecture
     return summary
+
+
+_DEFAULT_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def load_trained_model(args: ModelArguments, class_names: list[str], default_image_size: int = 224) -> LoadedModel:
+    """A trained classifier exactly as saved (no head resizing, no relabelling) and its image processor, for
+    measuring it (``hf-gam flatness``). Raises :class:`ModelLoadError` when it cannot be read or when its classes
+    do not match ``class_names`` (its ``num_labels``, or its ``id2label`` names unless they are transformers'
+    placeholders ``LABEL_i``): measuring a head that is not the trained one would be meaningless. A built-in name
+    (``tiny-resnet``, ``timm:...``) builds that model from scratch for ``class_names``, as :func:`load_model` does."""
+    if (args.model in BUILTIN_MODELS or args.model.startswith(TIMM_PREFIX)) and not os.path.isdir(args.model):
+        return load_model(args, class_names, default_image_size)
+    is_local = _check_source(args.model)
+    hub = {} if is_local else {"revision": args.model_revision, "cache_dir": args.cache_dir}
+    try:
+        config = AutoConfig.from_pretrained(args.model, **hub)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"model: could not load {args.model!r}: {type(err).__name__}: {_first_line(err)}") \
+            from err
+    _check_image_classifier(args.model, config)
+    names = [str(n) for n in class_names]
+    saved = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else []
+    if config.num_labels != len(names):
+        raise ModelLoadError(f"model: {args.model!r} has {config.num_labels} classes (num_labels) but the dataset has "
+                             f"{len(names)}; measure it on the dataset it was trained on")
+    if not all(_DEFAULT_LABEL.match(n) for n in saved) and saved != names:
+        diff = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+        raise ModelLoadError(f"model: the classes of {args.model!r} (id2label) are not the dataset's: class {diff} is "
+                             f"{saved[diff]!r} in the model but {names[diff]!r} in the dataset")
+    try:
+        processor = AutoImageProcessor.from_pretrained(args.model, **hub)
+        model = AutoModelForImageClassification.from_pretrained(args.model, config=config, **hub)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"model: could not load {args.model!r}: {type(err).__name__}: {_first_line(err)}") \
+            from err
+    return LoadedModel(model, processor, None if is_local else args.model, False)

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from testing_utils import HUB_LAYOUTS, write_hub_copy
 
 from hf_gam.card import render_model_card, template_path
@@ -95,12 +96,88 @@ def test_flatness_at_end_and_flatness_command(tmp_path, hub_copies, tiny_vit_dir
     for picture in ("flatness/flatness_spectrum.png", "flatness/flatness_landscape.png"):
         assert f"]({picture})" in card and (out / picture).is_file()
     report = tmp_path / "report"
+    other = _saved_vit(tmp_path / "vit24", HUB_LAYOUTS["cifar10"]["names"], image_size=24)
     assert main(["flatness", "--model", str(out), *data, "--output_dir", str(report), "--batch_size", "4",
-                 "--compare", str(tiny_vit_dir), *FLATNESS_TINY]) == 0
+                 "--compare", str(other), *FLATNESS_TINY]) == 0
     result = json.loads((report / "flatness.json").read_text())
-    assert result["name"] == "trained" and "compare" in result
+    assert result["name"] == "trained" and result["compare"]["name"] == "vit24"
     assert "lambda_max" in capsys.readouterr().out
     assert main(["flatness", "--model", str(tmp_path / "nope"), *data]) == 2
+
+
+def _saved_vit(path: Path, names: list[str], image_size: int = 16) -> Path:
+    """A 1-layer ViT for ``names`` at ``image_size`` px and its ViTImageProcessor, saved with save_pretrained."""
+    from testing_utils import tiny_vit
+    from transformers import ViTImageProcessor
+
+    tiny_vit(image_size=image_size, num_labels=len(names), id2label=dict(enumerate(names)),
+             label2id={n: i for i, n in enumerate(names)}).save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def test_flatness_compare_uses_its_own_processor(tmp_path, hub_copies, capsys):
+    """--compare measures the second model on batches made by its own image processor (24 px here, the first
+    model's 16 px would not even fit it), and run_flatness gets them as compare_batches."""
+    from unittest import mock
+
+    import hf_gam.flatness
+
+    names = HUB_LAYOUTS["cifar10"]["names"]
+    first, second = _saved_vit(tmp_path / "a", names), _saved_vit(tmp_path / "b", names, image_size=24)
+    data = ["--dataset", "cifar10", "--dataset_path", str(hub_copies["cifar10"])]
+    with mock.patch.object(hf_gam.flatness, "run_flatness", return_value={
+            "lambda_max": 1.0, "hessian_trace": 1.0, "first_order_flatness": 1.0, "zeroth_order_flatness": 1.0}) as run:
+        assert main(["flatness", "--model", str(first), "--compare", str(second), *data, "--batch_size", "4",
+                     "--output_dir", str(tmp_path / "r"), *FLATNESS_TINY]) == 0, capsys.readouterr().err
+    batches = run.call_args.args[1]
+    kwargs = run.call_args.kwargs
+    assert batches[0]["pixel_values"].shape[-2:] == (16, 16)
+    assert kwargs["compare_batches"][0]["pixel_values"].shape[-2:] == (24, 24)
+    assert torch.equal(batches[0]["labels"], kwargs["compare_batches"][0]["labels"])  # the same images
+    assert kwargs["compare_model"].config.image_size == 24
+
+
+def test_flatness_measures_the_saved_model_or_fails(tmp_path, hub_copies, capsys):
+    """The trained model is loaded as saved: a model whose classes are not the dataset's is an error (exit 2, one
+    line), not a silently re-initialized head; matching classes load with the saved head unchanged."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_gam import models
+
+    names = HUB_LAYOUTS["cifar10"]["names"]
+    data = ["--dataset", "cifar10", "--dataset_path", str(hub_copies["cifar10"])]
+    cases = {"three": (["a", "b", "c"], "has 3 classes (num_labels) but the dataset has 10"),
+             "renamed": (["zebra", *names[1:]], "class 0 is 'zebra' in the model but 'airplane' in the dataset")}
+    for name, (classes, expected) in cases.items():
+        path = _saved_vit(tmp_path / name, classes)
+        capsys.readouterr()  # save_pretrained's progress bar
+        assert main(["flatness", "--model", str(path), *data, "--output_dir", str(tmp_path / "r"),
+                     *FLATNESS_TINY]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err, err
+        assert not (tmp_path / "r").exists()
+    path = _saved_vit(tmp_path / "ok", names)
+    loaded = models.load_trained_model(models.ModelArguments(model=str(path)), names)
+    saved = AutoModelForImageClassification.from_pretrained(path)
+    assert torch.equal(loaded.model.classifier.weight, saved.classifier.weight)
+
+
+def test_card_names_the_label_column_and_an_eval_subset(tmp_path, hub_copies, tiny_vit_dir, tiny_train_flags):
+    """--cifar100_labels coarse: the model-index says the results are on the coarse labels (not the default fine
+    ones); --max_eval_samples: the card says the results come from a random subset of the split."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    assert main(["train", "--dataset", "cifar100", "--dataset_path", str(hub_copies["cifar100"]), "--model",
+                 str(tiny_vit_dir), "--cifar100_labels", "coarse", "--max_eval_samples", "3", "--output_dir", str(out),
+                 *tiny_train_flags]) == 0
+    card = ModelCard.load(out / "README.md")
+    entry = card.data.eval_results[0]
+    assert entry.dataset_type == "uoft-cs/cifar100" and entry.dataset_split == "test"
+    assert entry.dataset_args == {"label_column": "coarse_label"}
+    assert "results on 3 of the 4 images of split 'test', drawn at random" in card.text
+    assert "| label_column | coarse_label |" in card.text
 
 
 def test_help_and_usage(capsys):
@@ -151,6 +228,39 @@ def test_bad_values(tmp_path, capsys):
     cfg.write_text("dataset: digits\nlerning_rate: 0.1\n")
     assert main(["train", str(cfg)]) == 2
     assert "unknown fields lerning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--flatness_rho", "-1"], "flatness_rho must be finite and > 0; got -1.0"),
+    (["--flatness_top_k", "0"], "flatness_top_k must be an int >= 1; got 0"),
+    (["--flatness_batches", "0"], "flatness_batches must be an int >= 1; got 0"),
+    (["--batch_size", "0"], "batch_size must be an int >= 1; got 0"),
+    (["--flatness_landscape_resolution", "1"], "flatness_landscape_resolution must be an int >= 2; got 1")])
+def test_flatness_command_bad_values(tmp_path, capsys, flags, expected):
+    out = tmp_path / "o"
+    assert main(["flatness", "--model", "tiny-resnet", "--output_dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"hf-gam: error: {expected}"] and not out.exists()
+
+
+def test_flatness_command_bad_config_file(tmp_path, capsys):
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'o'}\nfoo: 1\n")
+    assert main(["flatness", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"hf-gam: error: config file {str(cfg)!r}: unknown fields foo"]
+    assert main(["flatness", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_train_flatness_at_end_bad_values_fail_before_training(tmp_path, capsys, monkeypatch):
+    import hf_gam.data
+
+    monkeypatch.setattr(hf_gam.data, "load_image_data", lambda *a, **k: pytest.fail("loaded data"))
+    _fails(["--flatness_at_end", "true", "--flatness_top_k", "0"], tmp_path / "o", capsys,
+           "flatness_top_k must be an int >= 1; got 0")
+    _fails(["--flatness_at_end", "true", "--flatness_batches", "0"], tmp_path / "o", capsys,
+           "flatness_batches must be an int >= 1; got 0")
 
 
 def test_push_offline_fails_early(tmp_path, capsys):

@@ -301,3 +301,116 @@ def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hu
     assert (len(data.train), len(data.eval), data.hub_id) == (8, 4, "tanganke/stanford_cars")
     assert calls == [("tanganke/stanford_cars", {"data_files": {"train": ["data/train-*"]}, "split": "train"}),
                      ("tanganke/stanford_cars", {"data_files": {"test": ["data/test-*"]}, "split": "test"})]
+
+
+# ------------------------------------------------------------------------- local layouts without a configs: block
+def _image_folders(root, layout: dict[str, list[str]], per_class: int = 2, seed: int = 0):
+    """``root/<split>/<class>/<i>.png`` for ``{split: classes}`` (``split`` "" : class folders at the root)."""
+    rng = np.random.default_rng(seed)
+    for split, classes in layout.items():
+        for cls in classes:
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                random_image(rng, i).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+def _parquet(path, labels: list[str]) -> None:
+    from datasets import Dataset, Features, Image, Value
+
+    rng = np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict({"image": [random_image(rng, i) for i in range(len(labels))], "label": labels},
+                      features=Features({"image": Image(), "label": Value("string")})).to_parquet(str(path))
+
+
+@pytest.mark.parametrize("where", ["", "data/"])
+def test_parquet_files_without_a_card(tmp_path, where):
+    """root train.parquet/test.parquet and data/train.parquet: split names from the Hub's file naming (datasets
+    returns them as NamedSplit, which once crashed the loader with a TypeError)."""
+    _parquet(tmp_path / f"{where}train.parquet", ["dog", "cat", "bird", "dog"])
+    _parquet(tmp_path / f"{where}test.parquet", ["cat", "dog"])
+    assert split_files(str(tmp_path)) is not None and all(type(k) is str for k in split_files(str(tmp_path)))
+    data = load_image_data(DataArguments(dataset=str(tmp_path)))
+    assert data.class_names == ["bird", "cat", "dog"] and (len(data.train), len(data.eval)) == (4, 2)
+    assert _eval_names(data) == ["cat", "dog"]
+
+
+def test_split_folders_whose_eval_lacks_a_class(tmp_path):
+    """train/ and test/ class folders read as a local directory (each split alone): test/ without class 'c'
+    still loads, its labels remapped by name; a class only test/ has is an error naming it."""
+    root = _image_folders(tmp_path / "f", {"train": ["a", "b", "c"], "test": ["b", "c"]})
+    data = load_image_data(DataArguments(dataset=str(root)))
+    assert data.class_names == ["a", "b", "c"] and len(data.train) == 6
+    assert _eval_names(data) == ["b", "b", "c", "c"]  # by id they would read a, a, b, b
+    _image_folders(root, {"test": ["zebra"]})
+    with pytest.raises(DataError, match="'zebra'"):
+        load_image_data(DataArguments(dataset=str(root)))
+
+
+# ------------------------------------------------------------------------------------ sizes, carving, sampling
+def test_validation_split_sizes_are_errors_or_unstratified(tmp_path):
+    two_per_class = write_hub_copy(tmp_path, "cifar10", n_train=20, labels={"train": [i % 10 for i in range(20)]})
+    args = {"dataset": "cifar10", "dataset_path": str(two_per_class)}
+    with pytest.raises(DataError, match=r"validation_split 0.999 .* leaves 0 to train on and 20 to validate on"):
+        load_image_data(DataArguments(**args, validation_split=0.999))
+    # 12 held out, 8 left: fewer than the 10 classes, so no stratification (datasets would raise ValueError)
+    data = load_image_data(DataArguments(**args, validation_split=0.6))
+    assert (len(data.train), len(data.validation)) == (8, 12)
+    data = load_image_data(DataArguments(**args, validation_split=0.5))  # 10 / 10: stratified, one per class
+    assert sorted(data.validation["label"]) == list(range(10)) and sorted(data.train["label"]) == list(range(10))
+
+
+def test_sample_limits_below_one_and_empty_splits_are_errors(tmp_path, hub_copies):
+    for flag in ("max_train_samples", "max_eval_samples"):
+        with pytest.raises(DataError, match=rf"^{flag} must be >= 1 \(or unset\); got 0$"):
+            load_image_data(DataArguments(**{flag: 0}))
+    empty = write_hub_copy(tmp_path, "cifar10", n_eval=0)
+    with pytest.raises(DataError, match="split 'test' of .*(is empty|corresponds to no data)"):
+        load_image_data(DataArguments(dataset="cifar10", dataset_path=str(empty)))
+
+
+def test_sample_limits_draw_a_seeded_random_subset(tmp_path):
+    """Class-sorted data (as many exports are): the first 6 rows would all be class 0."""
+    sorted_labels = {"train": [i // 10 for i in range(20)], "test": [i // 10 for i in range(20)]}
+    path = write_hub_copy(tmp_path, "cifar10", n_train=20, n_eval=20, labels=sorted_labels)
+    args = DataArguments(dataset="cifar10", dataset_path=str(path), max_train_samples=6, max_eval_samples=6)
+    data = load_image_data(args, seed=3)
+    assert len(data.train) == 6 and len(data.eval) == 6
+    assert len(set(data.train["label"])) > 1 and len(set(data.eval["label"])) > 1
+    assert load_image_data(args, seed=3).train["label"] == data.train["label"]  # reproducible
+    assert len(load_image_data(DataArguments(dataset="cifar10", dataset_path=str(path), max_train_samples=50)).train) \
+        == 20
+
+
+def test_class_folders_only_need_an_eval_split_or_a_held_out_part(tmp_path):
+    root = _image_folders(tmp_path / "f", {"": ["x", "y"]}, per_class=4)
+    with pytest.raises(DataError) as err:
+        load_image_data(DataArguments(dataset="imagefolder", dataset_path=str(root)))
+    assert "no evaluation split (test/validation/valid/val) found in" in str(err.value)
+    assert "pass --eval_split SPLIT or --validation_split FRACTION" in str(err.value) and "None" not in str(err.value)
+    data = load_image_data(DataArguments(dataset="imagefolder", dataset_path=str(root), validation_split=0.25))
+    assert (len(data.train), len(data.eval), data.validation) == (6, 2, None)
+    assert sorted(data.eval["label"]) == [0, 1] and data.eval_split == "train (held-out 0.25)"
+
+
+def test_a_column_named_label_wins_over_a_lone_classlabel(tmp_path, caplog):
+    """An unregistered dataset with an integer `label` column and one ClassLabel column of another name (a coarse
+    grouping, say): `label` is the label; the choice is logged."""
+    import logging
+
+    from datasets import ClassLabel, Dataset, Features, Image, Value
+
+    rng = np.random.default_rng(0)
+    features = Features({"image": Image(), "label": Value("int64"), "group": ClassLabel(names=["odd", "even"])})
+    for split, n in (("train", 6), ("test", 3)):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        Dataset.from_dict({"image": [random_image(rng, i) for i in range(n)], "label": [i % 3 for i in range(n)],
+                           "group": [i % 2 for i in range(n)]}, features=features).to_parquet(
+            str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    with caplog.at_level(logging.INFO, logger="hf_gam.data"):
+        data = load_image_data(DataArguments(dataset=str(tmp_path)))
+    assert data.class_names == ["0", "1", "2"] and data.label_column == "label"
+    assert "label_column: using column 'label' (its name), not 'group'" in caplog.text
+    assert load_image_data(DataArguments(dataset=str(tmp_path), label_column="group")).class_names == ["odd", "even"]

@@ -53,6 +53,29 @@ def test_run_flatness_writes_json_and_readable_pngs(tmp_path):
         run_flatness(model, batches, tmp_path, top_k=3)
 
 
+BAD_SETTINGS = [("k", 0, "top_k"), ("max_iter", 2, "max_iter"), ("tol", 0.0, "tol"), ("num_samples", 0, "num_samples"),
+                ("rho", -1.0, "rho"), ("rho", 0.0, "rho"), ("num_steps", 0, "num_steps"),
+                ("landscape_resolution", 1, "landscape_resolution"), ("landscape_span", 0.0, "landscape_span")]
+
+
+@pytest.mark.parametrize("key, value, flag", BAD_SETTINGS)
+def test_bad_settings_fail_before_any_compute(tmp_path, key, value, flag):
+    """Every setting is checked up front (run_flatness and FlatnessArguments.validate), naming it and the value:
+    a bad landscape setting must not wait for minutes of eigenvalues, and nothing is written."""
+    settings = {"k": 3, key: value}  # max_iter 2 < k 3 (Lanczos)
+    model = tiny_vit(**VIT_8PX, seed=0)
+    called = []
+    model.register_forward_pre_hook(lambda *a: called.append(1))
+    with pytest.raises(ValueError, match=rf"^{key} must be .*; got {value!r}$"):
+        run_flatness(model, vit_batches(dtype=torch.float32), tmp_path / "out", **settings)
+    assert not called and not (tmp_path / "out").exists()
+    args = FlatnessArguments(**{"flatness_top_k": 3, f"flatness_{flag}": value})
+    with pytest.raises(ValueError, match=rf"^flatness_{flag} must be .*; got {value!r}$"):
+        args.validate()
+    FlatnessArguments().validate()  # the defaults are valid
+    FlatnessArguments(flatness_top_k=3, flatness_max_iter=2, flatness_method="power").validate()  # per value
+
+
 def test_flatness_arguments_parse_alongside_training_arguments(tmp_path):
     from dataclasses import fields
 

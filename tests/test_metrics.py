@@ -126,3 +126,26 @@ def test_metric_unfit_for_the_task_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "binary_only" in err and "10-class" in err and "multiclass" in err
     assert not out.exists()
+
+
+PER_CLASS = MACRO_RECALL.replace("MacroRecall", "PerClass").replace(
+    'return {"macro_recall": float(np.mean([(p[r == c] == c).mean() for c in np.unique(r)]))}',
+    'return {"accuracy": float((p == r).mean()), "recall": np.array([(p[r == c] == c).mean() for c in np.unique(r)])}')
+
+
+def test_metric_with_per_class_values_fails_before_training(tmp_path, capsys, monkeypatch):
+    """Like f1 with average=None: an array per class passes compute but cannot be logged or carded; it is rejected
+    before the data is even prepared for training, naming the metric and the key."""
+    import hf_gam.trainer
+
+    assert PER_CLASS != MACRO_RECALL
+    module = tmp_path / "per_class"
+    module.mkdir()
+    (module / "per_class.py").write_text(PER_CLASS)
+    monkeypatch.setattr(hf_gam.trainer.GAMTrainer, "train", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "o"
+    assert main(["train", "--metrics", str(module), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "'recall'" in err and "per_class" in err and "non-scalar" in err and "shape (10,)" in err
+    assert not out.exists()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -26,13 +28,13 @@ from torch import nn
 from ..formatting import format_value
 from . import defaults as D
 from . import plots
-from ._objective import batch_size
+from ._objective import batch_size, check_argument
 from .landscape import loss_landscape
 from .measures import first_order_flatness, hessian_eigenvalues, hessian_trace, zeroth_order_flatness
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FlatnessArguments", "run_flatness", "flatness_markdown", "DEFAULT_SETTINGS"]
+__all__ = ["FlatnessArguments", "check_settings", "run_flatness", "flatness_markdown", "DEFAULT_SETTINGS"]
 
 FILES = {"json": "flatness.json", "spectrum": "flatness_spectrum.png", "landscape": "flatness_landscape.png",
          "landscape_1d": "flatness_landscape_1d.png"}
@@ -45,7 +47,8 @@ class FlatnessArguments:
 
     flatness_compare: str | None = field(default=None, metadata={
         "aliases": ["--compare"],
-        "help": "A second model (path or Hub id) measured on the same batches and drawn side by side."})
+        "help": "A second trained model (path or Hub id) measured on the same images, through its own image "
+                "processor, and drawn side by side."})
     flatness_name: str | None = field(default=None, metadata={
         "help": "Label of the model in the pictures and the JSON (default: the model path's last part)."})
     flatness_compare_name: str | None = field(default=None, metadata={
@@ -73,6 +76,11 @@ class FlatnessArguments:
     flatness_train_mode: bool = field(default=D.TRAIN_MODE, metadata={
         "help": "Measure the training-mode loss (BatchNorm batch statistics, dropout on) instead of eval mode."})
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the flag and its value when a setting cannot be measured with; the command
+        line runs it before loading anything."""
+        check_settings(self.to_settings(), prefix="flatness_")
+
     def to_settings(self) -> dict[str, Any]:
         """The keyword arguments of :func:`run_flatness` (``name``/``compare_name`` only when set)."""
         s = {k.removeprefix("flatness_"): v for k, v in asdict(self).items()}
@@ -86,10 +94,38 @@ DEFAULT_SETTINGS: dict[str, Any] = {**FlatnessArguments().to_settings(), "step_s
                                     "compare_name": "compare", "loss_fn": None}
 
 
+def check_settings(settings: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise ``ValueError("{name} must be ...; got {value!r}")`` for the first :func:`run_flatness` setting that
+    cannot be measured with (``prefix`` + the name; ``k`` is named ``top_k`` under a prefix), before any compute."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def positive(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    s = {**DEFAULT_SETTINGS, **settings}
+    k = s["k"]
+    rules = [("k", is_int(k) and k >= 1, "an int >= 1"),
+             ("max_iter", is_int(s["max_iter"]) and s["max_iter"] >= (k if s["method"] == "lanczos" and is_int(k)
+                                                                       else 1),
+              f">= top_k ({k}) for Lanczos" if s["method"] == "lanczos" else "an int >= 1"),
+             ("tol", positive(s["tol"]), "> 0"),
+             ("num_samples", is_int(s["num_samples"]) and s["num_samples"] >= 1, "an int >= 1"),
+             ("rho", positive(s["rho"]), "finite and > 0"),
+             ("num_steps", is_int(s["num_steps"]) and s["num_steps"] >= 1, "an int >= 1"),
+             ("landscape_resolution", is_int(s["landscape_resolution"]) and s["landscape_resolution"] >= 2,
+              "an int >= 2"),
+             ("landscape_span", positive(s["landscape_span"]), "finite and > 0")]
+    for name, ok, need in rules:
+        shown = prefix + ("top_k" if name == "k" and prefix else name)
+        check_argument(shown, s[name], ok, need)
+
+
 def _settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
     if unknown:
         raise ValueError(f"unknown flatness settings {unknown}; known: {sorted(DEFAULT_SETTINGS)}")
+    check_settings(settings)
     return {**DEFAULT_SETTINGS, **settings}
 
 

@@ -86,15 +86,32 @@ def load_metrics(specs: Sequence[str]) -> dict[str, LoadedMetric]:
 
 def check_metrics(metrics: dict[str, LoadedMetric], num_classes: int) -> None:
     """Run every metric once on made-up predictions over ``num_classes`` classes, so that a metric that cannot take
-    this task (e.g. ``f1`` without ``average`` on more than two classes) fails before training, naming itself."""
+    this task (e.g. ``f1`` without ``average`` on more than two classes) or returns a non-scalar value (per-class
+    arrays, e.g. ``f1:average=null``) fails before training, naming itself and the key."""
     logits = np.eye(max(num_classes, 2), dtype=np.float32)[:num_classes]
     labels = np.arange(num_classes)
     for spec, metric in metrics.items():
         try:
-            _compute(spec, metric, logits, labels)
+            results = _compute(spec, metric, logits, labels)
         except Exception as err:  # noqa: BLE001
             raise MetricLoadError(f"--metrics: {spec!r} fails on {num_classes}-class predictions: "
                                   f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        for key, value in results.items():  # the Trainer logs, saves and writes to the card scalars only
+            if not _is_scalar(value):
+                shape = f"shape {np.shape(value)}" if np.ndim(value) else type(value).__name__
+                raise MetricLoadError(f"--metrics: {spec!r} returns a non-scalar value for {key!r} ({shape}) on "
+                                      f"{num_classes}-class predictions; pass arguments that make it one number "
+                                      "(e.g. f1:average=macro)")
+
+
+def _is_scalar(value: Any) -> bool:
+    if np.ndim(value) != 0 or isinstance(value, (str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _compute(spec: str, metric: LoadedMetric, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
