@@ -12,14 +12,23 @@ printed as one ``hf-gam: error: ...`` line with exit status 2, before anything i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from .cli_common import (  # noqa: F401 (UsageError and end_process_group: part of this module's API)
+    CONFIG_SUFFIXES,
+    UsageError,
+    check_flatness_args,
+    config_to_argv,
+    end_process_group,
+    eval_batches,
+    read_config_file,
+)
+from .cli_flatness import flatness_main
 from .flatness import defaults as flatness_defaults
 
 logger = logging.getLogger("hf_gam.cli")
@@ -50,13 +59,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "dataloader_num_workers": 0,
 }
 
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-class UsageError(ValueError):
-    """A user error of the CLI itself (flag combinations, config files, push preconditions)."""
-
-
 @dataclass
 class RunArguments:
     """What ``hf-gam train`` does around training."""
@@ -72,17 +74,6 @@ class RunArguments:
         "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
         "NAME:key=value,... passes arguments to compute (f1:average=macro, top_k_accuracy:k=3). Results go to "
         "eval_results.json, all_results.json and the model card.")})
-
-
-@dataclass
-class FlatnessRunArguments:
-    """What ``hf-gam flatness`` measures on and where it writes."""
-
-    output_dir: str = field(default="outputs/flatness", metadata={"help": "Where flatness.json and the PNGs go."})
-    split: Literal["train", "eval"] = field(default="train", metadata={"help": "Measure on train or eval images."})
-    flatness_batches: int = field(default=flatness_defaults.NUM_BATCHES, metadata={
-        "help": "How many batches are measured."})
-    batch_size: int = field(default=64, metadata={"help": "Images per batch."})
 
 
 def _parser():
@@ -107,49 +98,11 @@ def _no_accelerator() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
 
 
-def _read_config_file(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise UsageError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            if path.endswith(".json"):
-                values = json.load(f)
-            else:
-                import yaml
-
-                values = yaml.safe_load(f)
-        except Exception as err:  # noqa: BLE001
-            raise UsageError(f"config file {path!r} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                             f"{err}") from err
-    if not isinstance(values, dict):
-        raise UsageError(f"config file {path!r} must hold a mapping of field names to values")
-    return values
-
-
-def _config_to_argv(values: dict[str, Any], parser, path: str) -> list[str]:
-    """The flags equivalent to a config file's mapping, so that files and flags share types, choices and checks."""
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UsageError(f"config file {path!r}: unknown fields {', '.join(map(str, unknown))}")
-    argv: list[str] = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
 def parse_train_args(argv: list[str]):
     """``(model_args, data_args, run_args, gam_config)`` from flags or from one YAML/JSON file."""
     parser = _parser()
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        argv = _config_to_argv(_read_config_file(argv[0]), parser, argv[0])
+        argv = config_to_argv(read_config_file(argv[0]), parser, argv[0])
     values = vars(parser.parse_args(argv))
     if values.get("output_dir") is None:
         dataset = os.path.basename(str(values.get("dataset") or "digits").rstrip("/")) or "dataset"
@@ -165,18 +118,6 @@ def parse_train_args(argv: list[str]):
     if run_args.flatness_at_end:
         check_flatness_args(flat_args, flatness_batches=run_args.flatness_batches)
     return model_args, data_args, run_args, args
-
-
-def check_flatness_args(flat_args, **counts: int) -> None:
-    """The flatness settings (:meth:`FlatnessArguments.validate`) and the batch counts (``flatness_batches``,
-    ``batch_size``: ints >= 1), as a :class:`UsageError` naming the flag and its value, before any compute."""
-    for name, value in counts.items():
-        if not isinstance(value, int) or value < 1:
-            raise UsageError(f"{name} must be an int >= 1; got {value!r}")
-    try:
-        flat_args.validate()
-    except ValueError as err:
-        raise UsageError(str(err)) from err
 
 
 def check_push(args) -> None:
@@ -196,15 +137,6 @@ def check_push(args) -> None:
         HfApi().whoami(token=token)
     except Exception as err:  # noqa: BLE001
         raise UsageError(f"push_to_hub: the Hub did not accept the token ({type(err).__name__}: {err})") from err
-
-
-def _eval_batches(ds, transform, n: int, batch_size: int) -> list[dict]:
-    from torch.utils.data import DataLoader
-
-    from .data import collate, with_transform
-
-    loader = DataLoader(with_transform(ds, transform), batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return [b for _, b in zip(range(n), loader)]
 
 
 def _card_dataset_args(data, data_args) -> str | dict | None:
@@ -274,7 +206,7 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
     if run_args.flatness_at_end and trainer.is_world_process_zero():
         from .flatness import run_flatness
 
-        batches = _eval_batches(data.train, eval_tf, run_args.flatness_batches, args.per_device_train_batch_size)
+        batches = eval_batches(data.train, eval_tf, run_args.flatness_batches, args.per_device_train_batch_size)
         model = trainer.accelerator.unwrap_model(trainer.model)
         flat = run_flatness(model, [{k: v.to(args.device) for k, v in b.items()} for b in batches],
                             os.path.join(args.output_dir, "flatness"), **run_args.flatness.to_settings())
@@ -315,49 +247,6 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def flatness_main(argv: list[str]) -> int:
-    """``hf-gam flatness --model DIR --dataset NAME [--compare DIR2] [--flatness_* ...]``."""
-    from transformers import HfArgumentParser
-
-    from .data import DataArguments, DataError, build_transforms, load_image_data
-    from .flatness import FlatnessArguments, run_flatness
-    from .models import ModelArguments, ModelLoadError, load_trained_model
-
-    parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),
-                              prog="hf-gam flatness", description="Flatness of a trained image classifier.")
-    try:
-        if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-            argv = _config_to_argv(_read_config_file(argv[0]), parser, argv[0])
-        model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
-        check_flatness_args(fa, flatness_batches=run.flatness_batches, batch_size=run.batch_size)
-        data = load_image_data(data_args)
-        measured = data.train if run.split == "train" else data.eval
-        # each model as saved (its own head and classes) on the batches its own image processor makes
-        loaded = load_trained_model(model_args, data.class_names, default_image_size=data.image_size)
-        batches = _eval_batches(measured, build_transforms(loaded.processor, "none")[1], run.flatness_batches,
-                                run.batch_size)
-        compare = compare_batches = None
-        if fa.flatness_compare:
-            other = load_trained_model(ModelArguments(model=fa.flatness_compare, image_size=model_args.image_size),
-                                       data.class_names, default_image_size=data.image_size)
-            compare = other.model
-            compare_batches = _eval_batches(measured, build_transforms(other.processor, "none")[1],
-                                            run.flatness_batches, run.batch_size)
-    except (UsageError, DataError, ModelLoadError) as err:
-        print(f"hf-gam: error: {err}", file=sys.stderr)
-        return 2
-    settings = fa.to_settings()
-    settings.setdefault("name", os.path.basename(os.path.normpath(model_args.model)))
-    if compare is not None:
-        settings.setdefault("compare_name", os.path.basename(os.path.normpath(fa.flatness_compare)))
-    result = run_flatness(loaded.model, batches, run.output_dir, compare_model=compare, compare_batches=compare_batches,
-                          **settings)
-    print(f"lambda_max {result['lambda_max']:.4g}, trace {result['hessian_trace']:.4g}, R1 "
-          f"{result['first_order_flatness']:.4g}, R0 {result['zeroth_order_flatness']:.4g}; written to "
-          f"{run.output_dir}", flush=True)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-gam`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -380,20 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
     end_process_group(wait=True)
     return status
-
-
-def end_process_group(wait: bool = True) -> None:
-    """Under torchrun / accelerate launch: wait for every process (``wait``), then end the process group. A process
-    that exits with gloo's threads still alive can die in C++ teardown (SIGABRT, "terminate called without an active
-    exception"), most often on a busy machine."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if wait:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

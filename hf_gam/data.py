@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 from .errors import DataError
+from .sources import Source, load_all, repo_source, split_files  # noqa: F401 - split_files: public here too
 from .labels import label_values as _label_values
 from .labels import unify_labels
 from .transforms import AUGMENTS, Augment, build_transforms, collate, with_transform  # noqa: F401 - public here too
@@ -127,105 +127,29 @@ def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     return DatasetDict({"train": build(tr), "test": build(te)})
 
 
-@dataclass
-class _Source:
-    """A dataset whose splits are known by name and read on demand (only the splits a run uses are read)."""
-
-    shown: str
-    splits: list[str]
-    read: Callable[[list[str]], dict[str, Dataset]]
-    spec: DatasetSpec | None = None
-    hub_id: str | None = None
-
-
-def _open_source(args: DataArguments) -> _Source:
+def _open_source(args: DataArguments) -> Source:
     name = args.dataset
     spec = DATASETS.get(name)
     if name == "digits":
         if args.dataset_path:
             raise DataError("dataset_path: 'digits' is embedded and takes no --dataset_path")
         dsd = load_digits_dataset()
-        return _Source("digits", list(dsd), lambda splits: {s: dsd[s] for s in splits}, spec)
+        return Source("digits", list(dsd), lambda splits: {s: dsd[s] for s in splits}, spec)
     if name == "imagefolder":
         if not args.dataset_path or not os.path.isdir(args.dataset_path):
             raise DataError(f"dataset_path: 'imagefolder' needs an existing folder; got {args.dataset_path!r}")
-        dsd = _load_all("imagefolder", args.dataset_path, data_dir=args.dataset_path)
-        return _Source(args.dataset_path, list(dsd), lambda splits: {s: dsd[s] for s in splits})
+        dsd = load_all("imagefolder", args.dataset_path, data_dir=args.dataset_path)
+        return Source(args.dataset_path, list(dsd), lambda splits: {s: dsd[s] for s in splits})
     if spec is not None:
         if args.dataset_path and not os.path.isdir(args.dataset_path):
             raise DataError(f"dataset_path: {args.dataset_path!r} is not a directory")
-        return _repo_source(args.dataset_path or spec.hub_id, args.dataset_config, spec, spec.hub_id)
+        return repo_source(args.dataset_path or spec.hub_id, args.dataset_config, spec, spec.hub_id)
     if os.path.isdir(name):
-        return _repo_source(name, args.dataset_config, None, None)
+        return repo_source(name, args.dataset_config, None, None)
     if name.count("/") == 1 and not name.startswith(("/", ".")) and all(name.split("/")):
-        return _repo_source(name, args.dataset_config, None, name)
+        return repo_source(name, args.dataset_config, None, name)
     raise DataError(f"dataset: unknown dataset {name!r}; known names: {', '.join(DATASETS)}, 'imagefolder' "
                     "(with --dataset_path), a Hub id (owner/name) or a local dataset directory")
-
-
-def split_files(path: str, config: str | None = None) -> dict[str, list[str]] | None:
-    """Each split's data-file patterns of a dataset repo (a local snapshot or a Hub id), relative to the repo: from
-    the ``configs:`` block of its README (``config``, else the default one), else from the Hub's standard naming
-    (``data/<split>-*``, ...). ``None`` when they cannot be told (then the whole dataset is loaded)."""
-    from huggingface_hub import DatasetCard
-    from datasets.data_files import get_data_patterns
-    from datasets.utils.metadata import MetadataConfigs
-
-    local = os.path.isdir(path)
-    try:
-        readme = os.path.join(path, "README.md") if local else None
-        if readme is None:
-            from huggingface_hub import hf_hub_download
-
-            readme = hf_hub_download(path, "README.md", repo_type="dataset")
-        configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data) \
-            if os.path.isfile(readme) else {}
-    except Exception:  # noqa: BLE001 - no readable card: fall back to the file naming
-        configs = {}
-    if configs:
-        chosen = config or configs.get_default_config_name() or (next(iter(configs)) if len(configs) == 1 else None)
-        files = configs.get(chosen, {}).get("data_files")
-        if isinstance(files, str):
-            files = [{"split": "train", "path": files}]
-        if not isinstance(files, list) or not all(isinstance(f, dict) and "split" in f for f in files):
-            return None
-        return {f["split"]: [f["path"]] if isinstance(f["path"], str) else list(f["path"]) for f in files}
-    if config is not None:
-        return None
-    try:
-        patterns = get_data_patterns(path if local else f"hf://datasets/{path}")
-    except Exception:  # noqa: BLE001
-        return None
-    return {str(k): list(v) for k, v in patterns.items()}  # NamedSplit keys -> split names
-
-
-def _repo_source(path: str, config: str | None, spec: DatasetSpec | None, hub_id: str | None) -> _Source:
-    patterns = split_files(path, config)
-    if patterns is None:  # unknown layout: let datasets read it all
-        dsd = _load_all(path, path, name=config)
-        return _Source(path, list(dsd), lambda splits: {s: dsd[s] for s in splits}, spec, hub_id)
-
-    def read(splits: list[str]) -> dict[str, Dataset]:  # each split alone, with its own features
-        return {s: _load_split(path, s, patterns[s]) for s in splits}
-
-    return _Source(path, list(patterns), read, spec, hub_id)
-
-
-def _load_split(path: str, split: str, files: list[str]) -> Dataset:
-    try:
-        return load_dataset(path, data_files={split: files}, split=split)
-    except Exception as err:  # noqa: BLE001 - every loader failure is reported as a user error
-        raise DataError(f"dataset: could not load split {split!r} of {path!r}: {type(err).__name__}: {err}") from err
-
-
-def _load_all(path: str, shown: str, **kwargs) -> DatasetDict:
-    try:
-        loaded = load_dataset(path, **{k: v for k, v in kwargs.items() if v is not None})
-    except Exception as err:  # noqa: BLE001 - every loader failure is reported as a user error
-        raise DataError(f"dataset: could not load {shown!r}: {type(err).__name__}: {err}") from err
-    if not isinstance(loaded, DatasetDict):
-        raise DataError(f"dataset: {shown!r} did not load as a dict of splits")
-    return loaded
 
 
 def _pick_column(ds: Dataset, given: str | None, feature_type: type, fallback: str) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_gam"
-TRAINING = {"hf_gam.passes", "hf_gam.trainer", "hf_gam.config", "hf_gam.cli", "hf_gam.data", "hf_gam.models",
-            "hf_gam.card", "hf_gam"}  # hf_gam itself: its __init__ imports the trainer
+TRAINING = {"hf_gam.passes", "hf_gam.trainer", "hf_gam.config", "hf_gam.cli", "hf_gam.cli_common",
+            "hf_gam.cli_flatness", "hf_gam.data", "hf_gam.sources", "hf_gam.models", "hf_gam.card", "hf_gam"}  # hf_gam itself: its __init__ imports the trainer
 
 
 def _module_name(path: Path) -> str:

@@ -284,7 +284,7 @@ def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hu
     import huggingface_hub
     from datasets import load_dataset
 
-    import hf_gam.data as data_module
+    import hf_gam.sources as sources_module
 
     write_readme(tmp_path, ["train", "test", *CARS_CORRUPTIONS])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
@@ -296,7 +296,7 @@ def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hu
         calls.append((path, kwargs))
         return load_dataset(str(hub_copies["cars"]), **kwargs)
 
-    monkeypatch.setattr(data_module, "load_dataset", fake_load)
+    monkeypatch.setattr(sources_module, "load_dataset", fake_load)
     data = load_image_data(DataArguments(dataset="cars"))
     assert (len(data.train), len(data.eval), data.hub_id) == (8, 4, "tanganke/stanford_cars")
     assert calls == [("tanganke/stanford_cars", {"data_files": {"train": ["data/train-*"]}, "split": "train"}),

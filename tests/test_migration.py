@@ -11,7 +11,6 @@ import re
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from testing_utils import tiny_data, tiny_model
