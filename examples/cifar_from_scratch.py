@@ -27,6 +27,7 @@ import os
 import sys
 
 from hf_gam.cli import main as hf_gam_main
+from hf_gam.cli_common import exit_process
 
 PAPER_RHO = {"cifar10": "0.04", "cifar100": "0.1"}
 GLOBAL_BATCH = 128
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: ends the process group and exits without C++ teardown

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from hf_gam.data import DataArguments, build_transforms, collate, load_image_data, with_transform
 from hf_gam.directions import MODES, GAMHyper
 from hf_gam.models import ModelArguments, load_model
+from hf_gam.cli_common import exit_process
 from hf_gam.passes import MicroBatchOracle, run_passes
 
 
@@ -115,3 +116,4 @@ def main(argv=None) -> float:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # under torchrun: leaves without C++ teardown (a gloo thread there can SIGABRT)

@@ -26,6 +26,7 @@ from .cli_common import (  # noqa: F401 (UsageError and end_process_group: part 
     config_to_argv,
     end_process_group,
     eval_batches,
+    exit_process,
     read_config_file,
 )
 from .cli_flatness import flatness_main
@@ -271,5 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def console_main() -> None:
+    """The ``hf-gam`` console script: :func:`main`, then :func:`~hf_gam.cli_common.exit_process`."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -303,6 +303,20 @@ def test_main_ends_the_process_group(tmp_path, monkeypatch):
                 dist.destroy_process_group()
 
 
+def test_exit_process_under_a_launcher_flushes_and_keeps_the_status(tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) a command leaves with os._exit after flushing: the status and the output
+    survive, and nothing after it runs (no C++ teardown, where a gloo thread can abort the process)."""
+    code = ("import atexit, sys\nfrom hf_gam.cli_common import exit_process\n"
+            "atexit.register(lambda: print('atexit ran'))\nprint('before', end='')\nsys.stderr.write('err')\n"
+            "exit_process(3)\nprint('after')\n")
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "before", "err")
+    single = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**env, "WORLD_SIZE": "1"})
+    assert single.returncode == 3 and single.stdout == "beforeatexit ran\n"
+
+
 def test_console_script_exit_status(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # the checkout under test
     proc = subprocess.run([sys.executable, "-m", "hf_gam", "train", "--dataset", "nope"], capture_output=True,

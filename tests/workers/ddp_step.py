@@ -10,6 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from testing_utils import HP, Recorder, sgd_args, tiny_data, tiny_model  # noqa: E402
 from reference import flat_params  # noqa: E402
+from hf_gam.cli_common import exit_process  # noqa: E402
 
 out_dir = sys.argv[1]
 cases = [c.split(":") for c in sys.argv[2].split(",")]  # mode:perturbation[:gam_every] (gam_every > 1: three steps)
@@ -29,4 +30,4 @@ for mode, perturbation, *every in cases:
                     "world": trainer.accelerator.num_processes, "logs": trainer.state.log_history}
 torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 dist.barrier()
-dist.destroy_process_group()  # end the group: exiting with gloo threads alive can SIGABRT
+exit_process(0)  # ends the process group and leaves without C++ teardown (a gloo thread there can SIGABRT)

@@ -13,6 +13,7 @@ from testing_utils import tiny_data, tiny_model
 from reference import flat_params
 
 from hf_gam.optim import GAM
+from hf_gam.cli_common import exit_process  # noqa: E402
 
 out_dir, cases = sys.argv[1], [c.split(":") for c in sys.argv[2].split(",")]
 dist.init_process_group("gloo")
@@ -37,4 +38,4 @@ for mode, scope in cases:
     results[f"{mode}:{scope}"] = {"theta0": theta0, "theta1": flat_params(model.module), "batch": batch}
 torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 dist.barrier()
-dist.destroy_process_group()  # end the group: exiting with gloo threads alive can SIGABRT
+exit_process(0)  # ends the process group and leaves without C++ teardown (a gloo thread there can SIGABRT)
