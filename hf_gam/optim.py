@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .directions import MODES, GAMHyper
-from .passes import WindowOracle, all_reduce_, reached_on_any_process, run_passes
+from .passes import WindowOracle, accumulate_grads_, all_reduce_, reached_on_any_process, run_passes
 
 __all__ = ["GAM", "SAM"]
 
@@ -245,14 +245,12 @@ class GAM(Optimizer):
                                 pass_context=self._pass_context)
         d, stats = run_passes(hyper, params, oracle)
         reached = reached_on_any_process(oracle.reached, params[0].device)
+        for p in params:  # gradients from before the step are not part of it
+            p.grad = None
+        # p.grad = scale * d in the parameter's layout (fused optimizers do not check strides); unreached: None
+        accumulate_grads_(params, d, 1.0 if scale is None else scale, reached)
+        del d
         with torch.no_grad():
-            for p, x, r in zip(params, d, reached):
-                if not r:  # the loss does not reach it: no gradient, as autograd leaves it (no decay, no momentum)
-                    p.grad = None
-                    continue
-                p.grad = torch.empty_like(p)  # the parameter's layout: fused optimizers do not check strides
-                p.grad.copy_(x if scale is None else x * scale)
-            del d
             if world > 1 and self.perturbation == "local":
                 all_reduce_([p.grad for p, r in zip(params, reached) if r], mean=True)
         self.step_count += 1

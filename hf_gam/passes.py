@@ -26,7 +26,7 @@ from .functional import second_order_context  # the one definition; importable f
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["all_reduce_", "reached_on_any_process", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
+__all__ = ["accumulate_grads_", "all_reduce_", "reached_on_any_process", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
 
 
 def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
@@ -51,6 +51,27 @@ def reached_on_any_process(reached: list[bool], device: torch.device) -> list[bo
     flags = torch.tensor(reached, dtype=torch.int32, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return [bool(f) for f in flags.tolist()]
+
+
+def accumulate_grads_(params: list[Tensor], d: list[Tensor], weight: Tensor | float, reached: list[bool]) -> None:
+    """``p.grad += weight * d`` for the parameters the loss ``reached`` (the others keep ``p.grad`` as it is, as
+    autograd leaves it: ``None`` means the optimizer skips them, no weight decay or momentum), keeping gradients
+    of earlier micro-batches of an accumulation window; ``d`` is consumed (its tensors may become the
+    gradients: no parameter-sized copy when the layouts match). A new ``p.grad`` gets
+    the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
+    one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
+    ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
+    with torch.no_grad():
+        torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
+        have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
+        if have:
+            torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
+        for i in [i for i, p in enumerate(params) if p.grad is None and reached[i]]:
+            p, di = params[i], d[i]
+            if di.dtype == p.dtype and di.stride() == p.stride():
+                p.grad = di
+            else:
+                p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
 
 
 class BatchNormGuard:

@@ -34,7 +34,7 @@ from .config import GAMConfig
 from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from .directions import MODES
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
-from .passes import MicroBatchOracle, WindowOracle, all_reduce_, reached_on_any_process, run_passes
+from .passes import MicroBatchOracle, WindowOracle, accumulate_grads_, all_reduce_, reached_on_any_process, run_passes
 
 __all__ = ["GAMTrainer"]
 
@@ -165,7 +165,7 @@ class GAMTrainer(Trainer):
         hyper = self._hyper()
         d, stats = run_passes(hyper, params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
-        self._accumulate_grad(params, d, weight * (scale or 1.0), oracle.reached)
+        accumulate_grads_(params, d, weight * (scale or 1.0), oracle.reached)
         if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
             # every process all-reduces the same tensors: those with a gradient on any process
             present = reached_on_any_process([p.grad is not None for p in params], params[0].device)
@@ -189,29 +189,9 @@ class GAMTrainer(Trainer):
         hyper = self._hyper()
         d, stats = run_passes(hyper, params, oracle)
         reached = reached_on_any_process(oracle.reached, params[0].device)
-        self._accumulate_grad(params, d, torch.tensor(scale or 1.0, dtype=torch.float64), reached)
+        accumulate_grads_(params, d, torch.tensor(scale or 1.0, dtype=torch.float64), reached)
         self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
-
-    @staticmethod
-    def _accumulate_grad(params: list[Tensor], d: list[Tensor], weight: Tensor, reached: list[bool]) -> None:
-        """``p.grad += weight * d`` for the parameters the loss ``reached`` (the others keep ``p.grad`` as it is, as
-        autograd leaves it: ``None`` means the optimizer skips them, no weight decay or momentum), keeping gradients
-        of earlier micro-batches of the window. A new ``p.grad`` gets
-        the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
-        one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
-        ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
-        with torch.no_grad():
-            torch._foreach_mul_(d, weight.to(d[0].device, d[0].dtype))
-            have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
-            if have:
-                torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
-            for i in [i for i, p in enumerate(params) if p.grad is None and reached[i]]:
-                p, di = params[i], d[i]
-                if di.dtype == p.dtype and di.stride() == p.stride():
-                    p.grad = di
-                else:
-                    p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
