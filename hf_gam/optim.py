@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .directions import MODES, GAMHyper
-from .passes import WindowOracle, accumulate_grads_, all_reduce_, reached_on_any_process, run_passes
+from .passes import WindowOracle, accumulate_grads_, all_reduce_, loss_scale_of, reached_on_any_process, run_passes
 
 __all__ = ["GAM", "SAM"]
 
@@ -219,12 +219,7 @@ class GAM(Optimizer):
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _loss_scale(self) -> float | None:
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return None
-        if scaler._scale is None:  # created lazily by the first scale() call; unscale_/step need it
-            scaler.scale(torch.ones((), device=self._params()[0].device))
-        return float(scaler.get_scale())
+        return loss_scale_of(self.grad_scaler, self._params()[0].device)
 
     def _pass_context(self) -> contextlib.AbstractContextManager:
         no_sync = getattr(self.model, "no_sync", None)

@@ -26,7 +26,7 @@ from .functional import second_order_context  # the one definition; importable f
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["accumulate_grads_", "all_reduce_", "reached_on_any_process", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
+__all__ = ["accumulate_grads_", "all_reduce_", "loss_scale_of", "reached_on_any_process", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
 
 
 def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
@@ -72,6 +72,16 @@ def accumulate_grads_(params: list[Tensor], d: list[Tensor], weight: Tensor | fl
                 p.grad = di
             else:
                 p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
+
+
+def loss_scale_of(scaler, device: torch.device) -> float | None:
+    """A GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None`` without an enabled one.
+    The scaler creates its scale lazily in ``scale()``; ``unscale_`` and ``step`` need it, so it is created here."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    if scaler._scale is None:
+        scaler.scale(torch.ones((), device=device))
+    return float(scaler.get_scale())
 
 
 class BatchNormGuard:

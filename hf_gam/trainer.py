@@ -34,7 +34,15 @@ from .config import GAMConfig
 from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from .directions import MODES
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
-from .passes import MicroBatchOracle, WindowOracle, accumulate_grads_, all_reduce_, reached_on_any_process, run_passes
+from .passes import (
+    MicroBatchOracle,
+    WindowOracle,
+    accumulate_grads_,
+    all_reduce_,
+    loss_scale_of,
+    reached_on_any_process,
+    run_passes,
+)
 
 __all__ = ["GAMTrainer"]
 
@@ -204,12 +212,7 @@ class GAMTrainer(Trainer):
 
     def _loss_scale(self) -> float | None:
         """The fp16 GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None``."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        if scaler._scale is None:  # created lazily by the first scale() call; step() needs it to exist
-            scaler.scale(torch.ones((), device=self.args.device))
-        return float(scaler.get_scale())
+        return loss_scale_of(getattr(self.accelerator, "scaler", None), self.args.device)
 
     def _record(self, stats: dict[str, Tensor], hyper) -> None:
         """Keep this pass's figures for the next log; ``hyper`` is the step's (its ρ is the one the passes used)."""
