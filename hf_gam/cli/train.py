@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..atomic import WriteError
 from ..flatness import defaults as flatness_defaults
 from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
+from .resume import PREEMPTED_STATUS, Preempted, resume_point
 
 logger = logging.getLogger("hf_gam.cli")
 
@@ -51,6 +53,9 @@ class RunArguments:
         "OUTPUT_DIR/flatness.")})
     flatness_batches: int = field(default=flatness_defaults.NUM_BATCHES, metadata={
         "help": "Batches measured by flatness (train batch size)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "Train from scratch even when OUTPUT_DIR holds a finished run or checkpoints (its checkpoint-* folders are "
+        "removed first). Without it, a run whose OUTPUT_DIR holds a complete checkpoint resumes from it.")})
     metrics: list[str] = field(default_factory=lambda: ["accuracy", "top_k_accuracy"], metadata={"help": (
         "Evaluation metrics, as `evaluate` modules: the shipped accuracy and top_k_accuracy (top-5; offline), "
         "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
@@ -99,6 +104,8 @@ def parse_train_args(argv: list[str]):
     run_args.flatness = flat_args
     if run_args.flatness_at_end:
         check_flatness_args(flat_args, flatness_batches=run_args.flatness_batches)
+    args.resume_from_checkpoint = resume_point(args.output_dir, args.resume_from_checkpoint,
+                                               run_args.overwrite_output_dir)
     return model_args, data_args, run_args, args
 
 
@@ -168,6 +175,9 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
                          processing_class=loaded.processor)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if trainer.preempted:
+        raise Preempted(f"stopped by SIGTERM after saving checkpoint-{trainer.state.global_step} in "
+                        f"{args.output_dir}; run the same command again to resume from it")
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics: dict[str, float] = {}
@@ -226,4 +236,10 @@ def train_main(argv: list[str]) -> int:
     except (UsageError, DataError, ModelLoadError, MetricLoadError) as err:
         print(f"hf-gam: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"hf-gam: {stop}", file=sys.stderr)
+        return PREEMPTED_STATUS
+    except WriteError as err:
+        print(f"hf-gam: error: {err.strerror or err}", file=sys.stderr)
+        return 1
     return 0

@@ -34,7 +34,9 @@ def _figure(**kwargs):
 
 def _save(fig, path: str | os.PathLike) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    from ..atomic import atomic_save
+
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     return str(path)
 
 

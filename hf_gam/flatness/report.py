@@ -13,7 +13,6 @@ The command line itself is ``hf-gam flatness`` (:mod:`hf_gam.cli`); the pictures
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -25,6 +24,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..atomic import atomic_write_json
 from ..formatting import format_value
 from . import defaults as D
 from . import plots
@@ -193,8 +193,7 @@ def run_flatness(model: nn.Module, batches: Iterable[Mapping[str, Any]], output_
     result = {**results[name], "name": name, "settings": saved, "files": dict(FILES)}
     if compare_model is not None:
         result["compare"] = {**results[other], "name": other}
-    with open(os.path.join(output_dir, FILES["json"]), "w") as f:
-        json.dump(result, f, indent=2, allow_nan=True)
+    atomic_write_json(os.path.join(output_dir, FILES["json"]), result, indent=2, allow_nan=True)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,8 +11,90 @@ from transformers import TrainingArguments
 
 from ..core.directions import MODES, GAMHyper
 
+__all__ = ["GAMConfig", "check_training_arguments", "output_dir_problem"]
+
 # The choices come from the one mode registry (hf_gam.directions.MODES), and so do the mode-dependent defaults.
 GamMode = Literal[tuple(MODES)]
+
+
+def _number_problem(value, rule: str, ok, integer: bool) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return rule
+    if not math.isfinite(value) or not ok(value):
+        return rule
+    return None
+
+
+# (field, rule, test, integer, only when): every TrainingArguments number the Trainer divides by, seeds with or
+# schedules with; ``only when`` names the strategy field under which the value is used
+_TRAINING_RULES = (
+    ("per_device_train_batch_size", "an integer >= 1", lambda v: v >= 1, True, None),
+    ("per_device_eval_batch_size", "an integer >= 1", lambda v: v >= 1, True, None),
+    ("gradient_accumulation_steps", "an integer >= 1", lambda v: v >= 1, True, None),
+    ("learning_rate", "a finite number >= 0", lambda v: v >= 0, False, None),
+    ("weight_decay", "a finite number >= 0", lambda v: v >= 0, False, None),
+    ("adam_beta1", "in [0, 1)", lambda v: 0 <= v < 1, False, None),
+    ("adam_beta2", "in [0, 1)", lambda v: 0 <= v < 1, False, None),
+    ("adam_epsilon", "a finite number >= 0", lambda v: v >= 0, False, None),
+    ("max_grad_norm", "a finite number >= 0 (0: no clipping)", lambda v: v >= 0, False, None),
+    ("label_smoothing_factor", "in [0, 1)", lambda v: 0 <= v < 1, False, None),
+    ("num_train_epochs", "a finite number", lambda v: True, False, None),
+    ("max_steps", "an integer (-1: use num_train_epochs)", lambda v: True, True, None),
+    ("warmup_steps", "a finite number >= 0 (below 1: a ratio of the steps)", lambda v: v >= 0, False, None),
+    ("seed", "an integer in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32, True, None),
+    ("data_seed", "an integer in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32, True, "data_seed"),
+    ("dataloader_num_workers", "an integer >= 0", lambda v: v >= 0, True, None),
+    ("eval_accumulation_steps", "an integer >= 1", lambda v: v >= 1, True, "eval_accumulation_steps"),
+    ("logging_steps", "a number > 0 (below 1: a ratio of the steps)", lambda v: v > 0, False, "logging_strategy"),
+    ("eval_steps", "a number > 0 (below 1: a ratio of the steps)", lambda v: v > 0, False, "eval_strategy"),
+    ("save_steps", "a number > 0 (below 1: a ratio of the steps)", lambda v: v > 0, False, "save_strategy"),
+)
+
+
+def _used(args, when: str | None) -> bool:
+    if when is None:
+        return True
+    value = getattr(args, when, None)
+    if when.endswith("_strategy"):
+        return getattr(value, "value", value) == "steps"
+    return value is not None
+
+
+def check_training_arguments(args) -> None:
+    """Raise ``ValueError`` naming the field and the value for every ``TrainingArguments`` setting that would break
+    training later or silently train nothing: batch sizes and accumulation below 1, a non-finite or negative learning
+    rate, seeds outside numpy's range, interval steps <= 0 where their strategy is ``"steps"``, zero training steps
+    (``max_steps <= 0`` with ``num_train_epochs <= 0``), an ``output_dir`` that cannot be created or written. Reads
+    only; creates nothing. Called on the resolved arguments (after ``TrainingArguments.__post_init__``)."""
+    for name, rule, ok, integer, when in _TRAINING_RULES:
+        if _used(args, when):
+            value = getattr(args, name)
+            if _number_problem(value, rule, ok, integer):
+                raise ValueError(f"{name} must be {rule}; got {value!r}")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs={args.num_train_epochs!r} with max_steps={args.max_steps!r} trains zero "
+                         "steps; set num_train_epochs > 0 or max_steps > 0")
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        raise ValueError(f"output_dir={args.output_dir!r} {problem}")
+
+
+def output_dir_problem(path: str | None) -> str | None:
+    """Why ``path`` cannot be created or written as a folder (without creating anything), or ``None``."""
+    if path is None or str(path) == "":
+        return "is empty"
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"cannot be created: {probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot be {'written' if probe == path else 'created'}: {probe} is not writable"
+    return None
 
 
 @dataclass
@@ -138,6 +221,7 @@ class GAMConfig(TrainingArguments):
         if self.sam_rho is None:
             self.sam_rho = self.gam_rho
         super().__post_init__()
+        check_training_arguments(self)
         self._refuse_reentrant_checkpointing()
 
     def _validate_gam(self) -> None:

@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from ..atomic import atomic_save, atomic_write_json
 from .config import GAMConfig
+from .durable import DurableTrainerMixin
 from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from ..core.directions import MODES
+from .resume import GAM_STATE_NAME
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
 from ..core.collectives import all_reduce_, world_size
 from ..core.oracles import MicroBatchOracle, WindowOracle
@@ -40,11 +43,10 @@ from ..core.step import apply_direction_step, loss_scale_of
 __all__ = ["GAMTrainer"]
 
 logger = logging.get_logger(__name__)
-GAM_STATE_NAME = "gam_state.json"
 LOGGED = ("gam/grad_norm", "gam/ascent_grad_norm", "gam/r1")  # figures logged as means over processes
 
 
-class GAMTrainer(Trainer):
+class GAMTrainer(DurableTrainerMixin, Trainer):
     """A ``transformers.Trainer`` for sharpness- and flatness-aware training; pass ``args=GAMConfig(...)`` (plain
     ``TrainingArguments`` are converted, with the ``gam_*`` defaults: ``gam_mode="gam_fast"``).
 
@@ -287,7 +289,7 @@ class GAMTrainer(Trainer):
             flatness=flatness, license=license, language=language, dataset_tags=tags_list or None,
             dataset_args=dataset_args[0] if isinstance(dataset_args, (list, tuple)) and dataset_args else dataset_args,
             adapter=adapter, training_results=training_results_table(self.state.log_history))
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        atomic_save(os.path.join(self.args.output_dir, "README.md"), card.save)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -295,8 +297,7 @@ class GAMTrainer(Trainer):
         schedule follows the restored learning-rate scheduler, so nothing else is needed to resume exactly)."""
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            with open(os.path.join(output_dir, GAM_STATE_NAME), "w") as f:
-                json.dump({"version": 1, "counters": self.gam_counters}, f)
+            atomic_write_json(os.path.join(output_dir, GAM_STATE_NAME), {"version": 1, "counters": self.gam_counters})
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

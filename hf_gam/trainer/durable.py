@@ -1,0 +1,75 @@
+"""``DurableTrainerMixin``: what GAMTrainer adds so that an interrupted run loses nothing it trained.
+
+- ``train(resume_from_checkpoint=True)`` resumes from the newest *complete* checkpoint; a named torn folder is refused
+  (:mod:`hf_gam.trainer.resume`);
+- every checkpoint gets a commit marker written last, after every process finished; old checkpoints are rotated out
+  only after it (:func:`hf_gam.trainer.resume.save_committed_checkpoint`); a failed write names the folder and the checkpoint
+  that is still whole;
+- model files, metrics and the trainer state are written to temporary names and renamed (:mod:`hf_gam.atomic`);
+- SIGTERM with ``enable_jit_checkpoint``: every process saves the same step, then ``train`` returns with
+  :attr:`preempted` set (:mod:`hf_gam.trainer.preemption`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..atomic import atomic_save, atomic_write_json, staged_folder
+
+__all__ = ["DurableTrainerMixin"]
+
+
+class DurableTrainerMixin:
+    """Mixed into a ``transformers.Trainer`` subclass, before ``Trainer`` in the bases."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        from .preemption import install_agreed_stop
+
+        self._agreed_stop = install_agreed_stop(self)  # None without enable_jit_checkpoint
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """As ``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete checkpoint of
+        ``output_dir`` (newer torn ones skipped with one warning each); a named folder must be complete."""
+        from .resume import resolve_resume_checkpoint
+
+        return super().train(resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the last ``train()`` stopped early on SIGTERM (``enable_jit_checkpoint``) after saving."""
+        stop = None if self._agreed_stop is None else self._agreed_stop.stopped_at
+        return stop is not None and stop < self.state.max_steps
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from .resume import save_committed_checkpoint
+
+        save_committed_checkpoint(self, model, trial, super()._save_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Model, config, processor and arguments written into a staging folder, then renamed file by file."""
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        if not self.args.should_save:
+            return super()._save(output_dir, state_dict=state_dict)
+        os.makedirs(output_dir, exist_ok=True)
+        with staged_folder(output_dir) as staging:
+            super()._save(staging, state_dict=state_dict)
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """``Trainer.save_metrics`` with atomic writes (``{split}_results.json``, ``all_results.json``)."""
+        if not self.is_world_process_zero():
+            return
+        atomic_write_json(os.path.join(self.args.output_dir, f"{split}_results.json"), metrics, sort_keys=True)
+        if combined:
+            path = os.path.join(self.args.output_dir, "all_results.json")
+            merged = {}
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    merged = json.load(f)
+            atomic_write_json(path, {**merged, **metrics}, sort_keys=True)
+
+    def save_state(self) -> None:
+        if self.is_world_process_zero():
+            atomic_save(os.path.join(self.args.output_dir, "trainer_state.json"), self.state.save_to_json)
