@@ -10,7 +10,6 @@ import signal
 import time
 
 import pytest
-import torch
 from fault_utils import ELASTIC_ENV, Run, final_of, run_to_end, same_weights, step_of
 
 from hf_gam.trainer.resume import COMMIT_MARKER, checkpoint_problem, last_complete_checkpoint

@@ -143,3 +143,71 @@ def test_atomic_writes_leave_the_old_file_on_failure(tmp_path):
         atomic_save(target, failing_writer)
     assert json.loads(target.read_text()) == {"accuracy": 0.5}
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"], "a temporary file was left behind"
+
+
+# ------------------------------------------------------------------------------------ hf-gam train resumes itself
+CLI_RUN = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--disable_tqdm", "true",
+           "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One finished ``hf-gam train`` run (the embedded digits job, 4 steps, checkpoints at 2 and 4)."""
+    from hf_gam.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--output_dir", str(out), *CLI_RUN]) == 0
+    return out
+
+
+def test_cli_resumes_from_the_last_complete_checkpoint(cli_run, tmp_path, capsys):
+    """A run killed while saving checkpoint-4 (no final outputs yet, checkpoint-4 torn): the same command prints
+    'resuming from checkpoint-2' and ends with the same weights as the uninterrupted run."""
+    from hf_gam.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(cli_run / "checkpoint-2", out / "checkpoint-2")
+    shutil.copytree(cli_run / "checkpoint-4", out / "checkpoint-4")
+    truncate(out / "checkpoint-4" / "model.safetensors", 1000)
+    capsys.readouterr()
+    assert main(["train", "--output_dir", str(out), *CLI_RUN]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from checkpoint-2" in err
+    assert (out / "model.safetensors").read_bytes() == (cli_run / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("setup, words", [
+    ("finished", "already holds a finished run (all_results.json); pass --overwrite_output_dir"),
+    ("foreign", "holds files that are not from an hf-gam run (notes.txt); pass --overwrite_output_dir"),
+    ("named_torn", "cannot be resumed from: optimizer.pt is missing"),
+])
+def test_cli_refuses_what_it_cannot_resume(cli_run, tmp_path, capsys, setup, words):
+    from hf_gam.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out)
+    flags = []
+    if setup == "foreign":
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    if setup == "named_torn":
+        os.remove(out / "checkpoint-4" / "optimizer.pt")
+        flags = ["--resume_from_checkpoint", str(out / "checkpoint-4"), "--overwrite_output_dir", "true"]
+    before = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["train", "--output_dir", str(out), *CLI_RUN, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert sorted(p.name for p in out.rglob("*")) == before, "something was written or removed"
+
+
+def test_cli_overwrite_output_dir_trains_from_scratch(cli_run, tmp_path):
+    from hf_gam.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out)
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"stale")
+    assert main(["train", "--output_dir", str(out), *CLI_RUN, "--overwrite_output_dir", "true"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (cli_run / "model.safetensors").read_bytes()
+    assert checkpoint_problem(out / "checkpoint-4") is None

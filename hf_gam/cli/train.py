@@ -163,6 +163,9 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
     with args.main_process_first(desc="loading the dataset"):
         data = load_image_data(data_args, seed=args.seed)
     check_metrics(metric_modules, len(data.class_names))  # a metric unfit for this task fails before training
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before the model is built: a model trained from scratch starts from the same weights
     loaded = load_model(model_args, data.class_names, default_image_size=data.image_size)
     augment = data_args.augment or data.default_augment
     policy = "cifar10" if data.name.startswith("cifar") else "imagenet"

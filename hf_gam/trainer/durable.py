@@ -2,9 +2,9 @@
 
 - ``train(resume_from_checkpoint=True)`` resumes from the newest *complete* checkpoint; a named torn folder is refused
   (:mod:`hf_gam.trainer.resume`);
-- every checkpoint gets a commit marker written last, after every process finished; old checkpoints are rotated out
-  only after it (:func:`hf_gam.trainer.resume.save_committed_checkpoint`); a failed write names the folder and the checkpoint
-  that is still whole;
+- every checkpoint gets a commit marker written last, after every process finished; old checkpoints are rotated
+  out only after it (:func:`hf_gam.trainer.resume.save_committed_checkpoint`); a failed write names the folder and
+  the checkpoint that is still whole;
 - model files, metrics and the trainer state are written to temporary names and renamed (:mod:`hf_gam.atomic`);
 - SIGTERM with ``enable_jit_checkpoint``: every process saves the same step, then ``train`` returns with
   :attr:`preempted` set (:mod:`hf_gam.trainer.preemption`).

@@ -59,9 +59,9 @@ def _safetensors_problem(path: str) -> str | None:
             header = json.loads(f.read(n))
         except ValueError:
             return f"{os.path.basename(path)} has an unreadable header"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + n + max(ends, default=0) != size:
-        return f"{os.path.basename(path)} is truncated (tensors need {8 + n + max(ends, default=0)} bytes, file has {size})"
+    needed = 8 + n + max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    if needed != size:
+        return f"{os.path.basename(path)} is truncated (its tensors need {needed} bytes, the file has {size})"
     return None
 
 
