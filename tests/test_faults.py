@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+import torch
 from fault_utils import ELASTIC_ENV, Run, final_of, run_to_end, same_weights, step_of
 
 from hf_gam.trainer.resume import COMMIT_MARKER, checkpoint_problem, last_complete_checkpoint
@@ -154,3 +155,79 @@ def test_seeded_sigkill_fault_injection(tmp_path, reference):
     print(f"fault injection: {len(redone)} SIGKILLs, steps redone per kill {redone} (max {max(redone)})")
     assert len(redone) == 8 and max(redone) <= save_steps
     assert same_weights(final, reference("gam_fast", *opts))
+
+
+def test_restarted_process_warns_about_the_shared_store(monkeypatch, tmp_path):
+    """The cause of the failed restarts: a restarted worker whose agent shares its TCPStore across restarts is warned
+    (before the group is formed) to launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; the recipe silences it."""
+    from hf_gam.trainer.preemption import warn_if_restart_shares_the_store
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in warn_if_restart_shares_the_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what the agent exports under the recipe
+    assert warn_if_restart_shares_the_store() is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert warn_if_restart_shares_the_store() is None
+
+
+@pytest.mark.slow
+def test_cli_sigterm_exit_143_then_the_same_command_resumes(tmp_path):
+    """``hf-gam train --enable_jit_checkpoint``: SIGTERM mid-run saves, exits 143 naming the checkpoint; the same
+    command resumes from it and ends with the uninterrupted run's weights."""
+    import subprocess
+    import sys
+
+    from fault_utils import worker_env
+
+    def cli(out, wait_for=None):
+        cmd = [sys.executable, "-m", "hf_gam", "train", "--output_dir", str(out), "--max_steps", "30",
+               "--logging_steps", "1", "--disable_tqdm", "true", "--enable_jit_checkpoint", "true",
+               "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64"]
+        proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if wait_for and wait_for in line:
+                proc.send_signal(signal.SIGTERM)
+                wait_for = None
+        return proc.wait(timeout=600), "".join(lines)
+
+    assert cli(tmp_path / "full")[0] == 0
+    rc, text = cli(tmp_path / "run", wait_for="'epoch'")
+    assert rc == 143 and "stopped by SIGTERM after saving checkpoint-" in text, text[-3000:]
+    rc, text = cli(tmp_path / "run")
+    assert rc == 0 and "resuming from checkpoint-" in text, text[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "full" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.distributed
+def test_two_agents_nnodes_2_equal_one_process_on_the_union_batch(tmp_path):
+    """Two torchrun agents on one machine (``--nnodes 2``, c10d rendezvous on 127.0.0.1), one process each: one
+    ``gam_perturbation="global"`` step equals the float64 reference on the union of the two processes' batches."""
+    import socket
+    import subprocess
+    import sys
+
+    from fault_utils import HERE, worker_env
+    from reference import direction, loss_of
+    from testing_utils import HP, assert_rel, ref_kwargs, sgd_args, tiny_model
+
+    with socket.socket() as probe:  # a free port for the rendezvous (the c10d store binds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "hf-gam-two-agents",
+           os.path.join(HERE, "workers", "ddp_step.py"), str(tmp_path), "gam:global"]
+    agents = [subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n".join(o[-3000:] for o in outputs)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["gam:global"] for r in range(2))
+    assert r0["world"] == 2 and torch.equal(r0["theta1"], r1["theta1"])
+    batches = r0["seen"] + r1["seen"]
+    union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    model = tiny_model()
+    d_ref = direction("gam", loss_of(model, union), r0["theta0"], **ref_kwargs(sgd_args("unused", gam_mode="gam", **HP)))
+    assert_rel(r0["theta0"] - r0["theta1"], d_ref)

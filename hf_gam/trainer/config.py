@@ -212,6 +212,9 @@ class GAMConfig(TrainingArguments):
         return hyper.at_learning_rate(lr, peak, self.gam_rho_min_ratio)
 
     def __post_init__(self):
+        from .preemption import warn_if_restart_shares_the_store
+
+        warn_if_restart_shares_the_store()  # before the process group is formed (device setup below)
         self._validate_gam()
         defaults = MODES[self.gam_mode].defaults
         if self.gam_rho is None:

@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from ..core.collectives import reached_on_any_process
 
-__all__ = ["AgreedStopCallback", "install_agreed_stop"]
+__all__ = ["AgreedStopCallback", "install_agreed_stop", "warn_if_restart_shares_the_store"]
 
 logger = logging.get_logger(__name__)
 
@@ -32,7 +32,12 @@ class AgreedStopCallback(TrainerCallback):
         self.jit_manager = jit_manager
         self.signalled = False
         self.stopped_at: int | None = None  # the step saved and stopped at, once preempted
-        signal.signal(signal.SIGTERM, self._on_sigterm)  # the JIT manager keeps the original handler to restore
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Every ``train()``: take SIGTERM over (the JIT callback restores the original handler at its end)."""
+        self.signalled, self.stopped_at = False, None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return control
 
     def _on_sigterm(self, signum, frame) -> None:
         if not self.signalled:
@@ -59,3 +64,18 @@ def install_agreed_stop(trainer) -> AgreedStopCallback | None:
     agreed = AgreedStopCallback(callbacks[index].jit_manager)
     callbacks.insert(index, agreed)
     return agreed
+
+
+def warn_if_restart_shares_the_store() -> str | None:
+    """Under ``torchrun --max-restarts`` the elastic agent shares one TCPStore across restarts by default; the
+    restarted ranks can then read the dead ranks' gloo/NCCL addresses from it and fail to form the group
+    ("Connection refused", ``connectFullMesh`` timeout). Warn a restarted process (and return the message) unless the
+    run was launched with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/reliability.md)."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    message = (f"restart {restart} of a torchrun group whose rendezvous store is shared across restarts: the group may "
+               "fail to connect (stale addresses of the dead processes); launch with "
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see docs/reliability.md)")
+    logger.warning(message)
+    return message
