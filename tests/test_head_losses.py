@@ -11,7 +11,7 @@ from reference import flat_params
 from testing_utils import TensorDataset, assert_rel, sgd_args, tiny_model
 
 from hf_gam import GAMTrainer
-from hf_gam.losses import summed_head_loss
+from hf_gam.trainer.losses import summed_head_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
