@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
@@ -50,6 +50,20 @@ __all__ = ["plain_direction", "sam_direction", "gnp_direction", "gam_direction",
            "ModeSpec", "GAMHyper", "Oracle"]
 
 
+# Choices of the settings every mode shares (GAMConfig's Literal types read them too).
+VARIANTS = ("paper", "official")
+PERTURBATIONS = ("local", "global")
+RHO_SCHEDULES = ("constant", "lr_proportional")
+_AT_LEAST_0 = (lambda v: v >= 0, "a finite number >= 0")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# name -> (test, rule) of the numeric settings but ``alpha`` (its bound is the mode's ``alpha_max``)
+_NUMBERS = {"rho": _AT_LEAST_0, "sam_rho": _AT_LEAST_0, "rho_prime": _AT_LEAST_0, "gamma": _AT_LEAST_0,
+            "eps": _AT_LEAST_0, "beta": _UNIT, "rho_min_ratio": _UNIT,
+            "max_grad_norm": (lambda v: v > 0, "a finite number > 0 (or None)")}
+_CHOICES = {"variant": VARIANTS, "perturbation": PERTURBATIONS, "rho_schedule": RHO_SCHEDULES}
+_NONE_MEANS_DEFAULT = ("rho", "alpha", "sam_rho", "max_grad_norm")  # None: the mode's default (clipping: off)
+
+
 @dataclass(frozen=True)
 class GAMHyper:
     """The hyper-parameters of one step, in the paper's symbols (``GAMConfig.gam_hyper(lr)`` builds it from a
@@ -57,9 +71,9 @@ class GAMHyper:
     ρ', ``beta`` β, ``gamma`` γ, ``eps`` ξ; ``variant`` is Algorithm 2's ``h-`` rule; ``adaptive`` ASAM steps.
 
     ``rho`` and ``alpha`` left at ``None`` take the mode's defaults (``MODES[mode].defaults``, the same the config
-    takes); ``sam_rho`` left at ``None`` equals ``rho``. An unknown ``mode`` raises ``ValueError``."""
+    takes); ``sam_rho`` left at ``None`` equals ``rho``. Every value is checked (:meth:`check`) on construction."""
 
-    mode: str = "gam"
+    mode: str = "gam_fast"
     rho: float | None = None
     alpha: float | None = None
     sam_rho: float | None = None
@@ -71,14 +85,27 @@ class GAMHyper:
     adaptive: bool = False
 
     def __post_init__(self):
-        spec = MODES.get(self.mode)
-        if spec is None:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        for name, value in spec.defaults.items():
+        self.check(mode=self.mode)
+        for name, value in MODES[self.mode].defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.sam_rho is None:
             object.__setattr__(self, "sam_rho", self.rho)
+        self.check(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @staticmethod
+    def check(spelling: Mapping[str, str] | None = None, **values) -> None:
+        """Every hyper-parameter check, written once: raise ``ValueError`` naming the first out-of-range value of
+        ``values`` and the setting as the user spelled it. Names are the fields of this class and the step options
+        ``every``, ``perturbation``, ``rho_schedule``, ``rho_min_ratio``, ``max_grad_norm`` (the optimizer
+        wrapper's spelling); ``spelling`` maps them to the caller's (``GAMConfig``: ``gam_rho``, ...). The modes
+        and each mode's largest α come from :data:`MODES`; ``None`` is valid where it means a default."""
+        spelled = {**{name: name for name in values}, **(spelling or {})}
+        mode = values.get("mode")
+        for name, value in values.items():
+            rule = _violated_rule(name, value, mode, spelled)
+            if rule is not None:
+                raise ValueError(f"{spelled[name]} must be {rule}; got {value!r}")
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> GAMHyper:
@@ -93,6 +120,28 @@ class GAMHyper:
             return self
         scale = min_ratio + (1.0 - min_ratio) * min(max(lr / peak_lr, 0.0), 1.0)
         return replace(self, rho=self.rho * scale, sam_rho=self.sam_rho * scale, rho_prime=self.rho_prime * scale)
+
+
+def _violated_rule(name: str, value, mode, spelled: Mapping[str, str]) -> str | None:
+    """The rule ``value`` breaks as setting ``name`` (for :meth:`GAMHyper.check`), else ``None``."""
+    if name == "mode":
+        return None if value in MODES else f"one of {', '.join(MODES)}"
+    if value is None and name in _NONE_MEANS_DEFAULT:
+        return None
+    if name in _CHOICES:
+        return None if value in _CHOICES[name] else f"one of {', '.join(_CHOICES[name])}"
+    if name == "adaptive":
+        return None if isinstance(value, bool) else "True or False"
+    if name == "every":
+        return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "an integer >= 1"
+    if name == "alpha":
+        alpha_max = MODES[mode].alpha_max if mode in MODES else math.inf
+        bounded = (lambda v: 0 <= v <= alpha_max, f"in [0, {alpha_max:g}] for {spelled.get('mode', 'mode')}={mode!r}")
+        test, rule = _AT_LEAST_0 if alpha_max == math.inf else bounded
+    else:
+        test, rule = _NUMBERS[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return None if number and test(value) else rule
 
 
 class _Unit:

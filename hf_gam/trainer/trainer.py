@@ -61,6 +61,7 @@ class GAMTrainer(Trainer):
         super().__init__(model, args, *a, **kw)
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
+        self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
         self._gam_rho_used: float | None = None
@@ -155,7 +156,7 @@ class GAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if MODES[self.args.gam_mode].hvp:
+        if self.gam_spec.hvp:
             model = uncompiled(model)  # aot_autograd has no double backward; parameters are shared
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
@@ -210,7 +211,7 @@ class GAMTrainer(Trainer):
         values = {"gam/grad_norm": stats["grad_norm"]}
         if "ascent_grad_norm" in stats:
             values["gam/ascent_grad_norm"] = stats["ascent_grad_norm"]
-            if MODES[self.args.gam_mode].norm_ascent:
+            if self.gam_spec.norm_ascent:
                 values["gam/r1"] = hyper.rho * stats["ascent_grad_norm"]
         if self._gam_sums is None:
             self._gam_sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64, device=stats["grad_norm"].device)
@@ -225,7 +226,7 @@ class GAMTrainer(Trainer):
         """The Trainer's count of one forward+backward, times the passes of the mode on its active steps
         (an exact HVP counted as two passes)."""
         flos = super().floating_point_ops(inputs)
-        return flos * MODES[self.args.gam_mode].passes if self.gam_step_active() else flos
+        return flos * self.gam_spec.passes if self.gam_step_active() else flos
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get the ``gam/*`` means since the last log, over every micro-batch of every process (one
