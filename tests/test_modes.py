@@ -11,7 +11,7 @@ from reference import flat_params, grad, loss_of
 from transformers import Trainer
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam import functional as GF
+from hf_gam.core import functional
 from hf_gam.core.directions import MODES, GAMHyper, ModeSpec
 from hf_gam.core.oracles import MicroBatchOracle
 from hf_gam.core.step import compute_direction
@@ -47,7 +47,7 @@ def test_registry_facts_match_what_the_mode_runs(mode):
     assert spec.passes == spec.grad_calls + 3 * spec.hvp_calls and spec.hvp == (spec.hvp_calls > 0)
     if spec.norm_ascent:
         assert "ascent_grad_norm" in stats
-    assert len(d) == len(params) and torch.isfinite(GF.global_norm(d))
+    assert len(d) == len(params) and torch.isfinite(functional.global_norm(d))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -78,7 +78,7 @@ def _fake_direction(h, params, oracle):
     """A made-up mode: three gradient passes, d = α g, and an ascent norm to log."""
     for _ in range(3):
         loss, g = oracle.grad()
-    norm = GF.global_norm(g)
+    norm = functional.global_norm(g)
     return torch._foreach_mul(g, h.alpha), {"loss": loss, "grad_norm": norm, "ascent_grad_norm": norm}
 
 

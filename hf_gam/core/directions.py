@@ -41,7 +41,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from . import functional as GF
+from . import functional
 
 GradFn = Callable[[], tuple[Tensor, list[Tensor]]]
 GradHvpFn = Callable[[Callable[[list[Tensor]], list[Tensor]]], tuple[Tensor, list[Tensor], list[Tensor]]]
@@ -151,7 +151,7 @@ class _Unit:
         self.eps, self.norm = eps, None
 
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
-        self.norm = GF.global_norm(v)
+        self.norm = functional.global_norm(v)
         return torch._foreach_div(v, (self.norm + self.eps).to(v[0].dtype))
 
 
@@ -160,25 +160,25 @@ def _ascend(params: Sequence[Tensor], v: list[Tensor], r: float, eps: float, ada
     """``θ <- θ + r v/(‖v‖+ξ)`` (or ASAM's rule) in place; with ``consume`` the step is built in ``v``'s storage
     (``v`` is garbage afterwards), saving a parameter-sized temporary; ``norm`` is ``‖v‖`` if already known."""
     weights = [p.detach() for p in params] if adaptive else None
-    step = (GF.ascent_step_ if consume else GF.ascent_step)(v, r, eps, weights, norm=norm)
-    GF.add_(params, step)
+    step = (functional.ascent_step_ if consume else functional.ascent_step)(v, r, eps, weights, norm=norm)
+    functional.add_(params, step)
 
 
 def plain_direction(grad_fn: GradFn):
     """No perturbation (mode ``none``): ``d = g(θ)``. One pass."""
     loss, g = grad_fn()
-    return g, {"loss": loss, "grad_norm": GF.global_norm(g)}
+    return g, {"loss": loss, "grad_norm": functional.global_norm(g)}
 
 
 def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps: float, adaptive: bool = False):
     """SAM (Foret et al. 2021): ``d = g(θ + ρ g/(‖g‖+ξ))``. Two passes."""
     loss, g = grad_fn()
-    stats = {"loss": loss, "grad_norm": GF.global_norm(g)}
-    with GF.weights_restored(params):
+    stats = {"loss": loss, "grad_norm": functional.global_norm(g)}
+    with functional.weights_restored(params):
         _ascend(params, g, rho, eps, adaptive, consume=True, norm=stats["grad_norm"])
         del g
         _, g_sam = grad_fn()
-    stats["ascent_grad_norm"] = stats["direction_norm"] = GF.global_norm(g_sam)
+    stats["ascent_grad_norm"] = stats["direction_norm"] = functional.global_norm(g_sam)
     return g_sam, stats
 
 
@@ -188,7 +188,7 @@ def gnp_direction(params: Sequence[Tensor], grad_hvp_fn: GradHvpFn, *, rho: floa
     unit = _Unit(eps)
     loss, g, f = grad_hvp_fn(unit)
     stats = {"loss": loss, "grad_norm": unit.norm}
-    return GF.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
+    return functional.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
 
 
 def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHvpFn, *, rho: float, alpha: float,
@@ -202,19 +202,19 @@ def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHv
     unit, unit_a = _Unit(eps), _Unit(eps)
     loss, g, f = grad_hvp_fn(unit)
     stats = {"loss": loss, "grad_norm": unit.norm}
-    with GF.weights_restored(params) as theta:
+    with functional.weights_restored(params) as theta:
         if sam_rho is not None:
             _ascend(params, g, sam_rho, eps, adaptive, consume=True, norm=unit.norm)
             _, g = grad_fn()
-            stats["sam_grad_norm"] = GF.global_norm(g)
-            GF.copy_(params, theta)
+            stats["sam_grad_norm"] = functional.global_norm(g)
+            functional.copy_(params, theta)
         _ascend(params, f, rho, eps, adaptive, consume=True)
         del f
         _, ga, h = grad_hvp_fn(unit_a)
     stats["ascent_grad_norm"] = unit_a.norm
     del ga
     torch._foreach_mul_(h, rho)
-    return GF.gam_combine(g, h, alpha), stats
+    return functional.gam_combine(g, h, alpha), stats
 
 
 def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, rho_prime: float, alpha: float,
@@ -222,34 +222,34 @@ def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float,
     """Accelerated GAM, Algorithm 2: four first-order passes, no HVP.
 
     ``g0 = g(θ)``; ``g1 = g(θ + ρ' g0/(‖g0‖+ξ))``; ``θ2 = θ + ρ (g1-g0)/(‖g1-g0‖+ξ)``; ``g2 = g(θ2)``;
-    ``g3 = g(θ2 + ρ' g2/(‖g2‖+ξ))``; ``h+`` (:func:`hf_gam.functional.h_plus_`), ``h-``
-    (:func:`~hf_gam.functional.h_minus_`), ``d = h+ - γ h-⊥`` (:func:`~hf_gam.functional.gam_fast_final_`).
+    ``g3 = g(θ2 + ρ' g2/(‖g2‖+ξ))``; ``h+`` (:func:`hf_gam.core.functional.h_plus_`), ``h-``
+    (:func:`~hf_gam.core.functional.h_minus_`), ``d = h+ - γ h-⊥`` (:func:`~hf_gam.core.functional.gam_fast_final_`).
     Beyond the pass's own gradient it holds three parameter-sized buffers: the saved θ, ``h-`` (built in g0's
     storage) and ``h+`` (built in g1's).
     """
     loss, g0 = grad_fn()
-    stats = {"loss": loss, "grad_norm": GF.global_norm(g0)}
-    with GF.weights_restored(params) as theta:
+    stats = {"loss": loss, "grad_norm": functional.global_norm(g0)}
+    with functional.weights_restored(params) as theta:
         _ascend(params, g0, rho_prime, eps, adaptive, norm=stats["grad_norm"])
         _, g1 = grad_fn()
-        GF.copy_(params, theta)
+        functional.copy_(params, theta)
         h0 = torch._foreach_sub(g1, g0)
         _ascend(params, h0, rho, eps, adaptive, consume=True)
         del h0
         _, g2 = grad_fn()
-        stats["ascent_grad_norm"] = GF.global_norm(g2)
-        h_minus = GF.h_minus_(g0, g2, beta, variant)
+        stats["ascent_grad_norm"] = functional.global_norm(g2)
+        h_minus = functional.h_minus_(g0, g2, beta, variant)
         _ascend(params, g2, rho_prime, eps, adaptive, consume=True, norm=stats["ascent_grad_norm"])
         del g2
         _, g3 = grad_fn()
-    h_plus = GF.h_plus_(g1, g3, alpha)
+    h_plus = functional.h_plus_(g1, g3, alpha)
     del g3
-    return GF.gam_fast_final_(h_plus, h_minus, gamma, eps), stats
+    return functional.gam_fast_final_(h_plus, h_minus, gamma, eps), stats
 
 
 class Oracle(Protocol):
-    """What the registry's adapters call (implemented by :class:`hf_gam.passes.WindowOracle` and
-    :class:`~hf_gam.passes.MicroBatchOracle`)."""
+    """What the registry's adapters call (implemented by :class:`hf_gam.core.oracles.WindowOracle` and
+    :class:`~hf_gam.core.oracles.MicroBatchOracle`)."""
 
     def grad(self) -> tuple[Tensor, list[Tensor]]: ...
 

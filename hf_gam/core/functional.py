@@ -8,7 +8,7 @@ First-Order Flatness and Improves Generalization", CVPR 2023): ``rho`` (ρ), ``r
 The kernels are ``torch._foreach_*`` (one launch per op for the whole list) where one exists; the tests check them
 against a plain per-tensor loop in float64.
 
-The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.directions`; they call these, and
+The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.core.directions`; they call these, and
 this module imports nothing of the package.
 """
 

@@ -2,8 +2,8 @@
 
 Overrides, and nothing else:
 
-- ``training_step``: runs the mode's passes (:func:`hf_gam.core.step.apply_direction_step`) and leaves the step's direction in ``p.grad``, so
-  the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
+- ``training_step``: runs the mode's passes (:func:`hf_gam.core.step.apply_direction_step`) and leaves the step's
+  direction in ``p.grad``, so the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
   ``gam_every`` are the stock ``Trainer.training_step``.
 - ``compute_loss``: classification and regression heads (single-label cross-entropy, multi-label BCE, regression MSE,
   ignore index -100) get one loss, ``Σ loss / num_items_in_batch`` over the label elements the Trainer counts, for
@@ -14,6 +14,8 @@ Overrides, and nothing else:
 - ``create_model_card``: the GAM card (:mod:`hf_gam.trainer.card`), when that module is available.
 - ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
   conversion (:mod:`hf_gam.trainer.checkpoints`).
+- ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``: also write and read ``gam_state.json`` (the
+  fallback and overflow counters) next to the optimizer state.
 
 What is converted or refused at construction lives in :mod:`hf_gam.trainer.guards`.
 """
@@ -308,7 +310,7 @@ class GAMTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume restores every tensor, through the model's own key conversion, or fails loudly
-        (:mod:`hf_gam.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
+        (:mod:`hf_gam.trainer.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
         from .checkpoints import restore_checkpoint_weights
 
         if not restore_checkpoint_weights(self, resume_from_checkpoint, model):
