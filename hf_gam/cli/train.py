@@ -20,6 +20,7 @@ from typing import Any
 
 from ..atomic import WriteError
 from ..flatness import defaults as flatness_defaults
+from ..metrics import DEFAULT_METRICS
 from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
 from .resume import PREEMPTED_STATUS, Preempted, resume_point
 
@@ -56,7 +57,7 @@ class RunArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
         "Train from scratch even when OUTPUT_DIR holds a finished run or checkpoints (its checkpoint-* folders are "
         "removed first). Without it, a run whose OUTPUT_DIR holds a complete checkpoint resumes from it.")})
-    metrics: list[str] = field(default_factory=lambda: ["accuracy", "top_k_accuracy"], metadata={"help": (
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), metadata={"help": (
         "Evaluation metrics, as `evaluate` modules: the shipped accuracy and top_k_accuracy (top-5; offline), "
         "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
         "NAME:key=value,... passes arguments to compute (f1:average=macro, top_k_accuracy:k=3). Results go to "
@@ -229,16 +230,11 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
 
 def train_main(argv: list[str]) -> int:
-    from ..data import DataError
-    from ..metrics import MetricLoadError
-    from .models import ModelLoadError
-
+    """``hf-gam train [flags | config.yaml]``; user errors propagate to :func:`hf_gam.cli.main`; a SIGTERM stop
+    (``--enable_jit_checkpoint``) returns 143 after saying where to resume; a failed write is one error line."""
     try:
         model_args, data_args, run_args, args = parse_train_args(argv)
         train(model_args, data_args, run_args, args)
-    except (UsageError, DataError, ModelLoadError, MetricLoadError) as err:
-        print(f"hf-gam: error: {err}", file=sys.stderr)
-        return 2
     except Preempted as stop:
         print(f"hf-gam: {stop}", file=sys.stderr)
         return PREEMPTED_STATUS

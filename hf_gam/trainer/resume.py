@@ -28,6 +28,7 @@ from typing import Any
 from transformers.utils import logging
 
 from ..atomic import WriteError, atomic_write_json
+from ..errors import UserError
 
 __all__ = ["COMMIT_MARKER", "JIT_MARKER", "IncompleteCheckpointError", "checkpoint_problem", "commit_checkpoint",
            "complete_checkpoints", "last_complete_checkpoint", "resolve_resume_checkpoint", "save_committed_checkpoint"]
@@ -41,7 +42,7 @@ _WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class IncompleteCheckpointError(ValueError):
+class IncompleteCheckpointError(UserError):
     """A checkpoint named for resuming is torn or incomplete (the message says which file and why)."""
 
 
