@@ -211,3 +211,12 @@ def test_cli_overwrite_output_dir_trains_from_scratch(cli_run, tmp_path):
     assert main(["train", "--output_dir", str(out), *CLI_RUN, "--overwrite_output_dir", "true"]) == 0
     assert (out / "model.safetensors").read_bytes() == (cli_run / "model.safetensors").read_bytes()
     assert checkpoint_problem(out / "checkpoint-4") is None
+
+
+def test_resuming_a_finished_run_trains_nothing(full_run, tmp_path):
+    """The stock Trainer resumed from a checkpoint at ``max_steps`` trains one more step (and saves checkpoint-7);
+    a crash after the last save must not change the result: the final weights are loaded, no step is trained."""
+    out = copy_run(full_run, tmp_path)
+    resumed = train(out, resume=True)
+    assert resumed.state.global_step == 6 and not (out / "checkpoint-7").exists()
+    assert all(torch.equal(a, b) for a, b in zip(full_run[1], resumed.model.parameters()))

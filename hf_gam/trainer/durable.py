@@ -35,7 +35,29 @@ class DurableTrainerMixin:
         ``output_dir`` (newer torn ones skipped with one warning each); a named folder must be complete."""
         from .resume import resolve_resume_checkpoint
 
-        return super().train(resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None and self._finished_at(checkpoint):
+            return self._restore_finished(checkpoint)
+        return super().train(checkpoint, *args, **kwargs)
+
+    def _finished_at(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` already reached ``max_steps`` (the stock Trainer would train one more step)."""
+        from transformers.trainer_callback import TrainerState
+
+        state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        return self.args.max_steps > 0 and state.global_step >= self.args.max_steps
+
+    def _restore_finished(self, checkpoint: str):
+        """Resuming a finished run: its weights and state, no step trained (a crash after the last save)."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+        from transformers.utils import logging
+
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        logging.get_logger(__name__).warning("%s already reached max_steps=%d: nothing left to train; its weights are "
+                                             "loaded", checkpoint, self.args.max_steps)
+        self._load_from_checkpoint(checkpoint)
+        return TrainOutput(self.state.global_step, 0.0, {})
 
     @property
     def preempted(self) -> bool:
