@@ -223,14 +223,21 @@ def test_unreadable_model(tmp_path, capsys, hub_copies):
 def test_resume_from_a_checkpoint_of_another_model(tmp_path, capsys):
     """A checkpoint whose tensors do not fit the model (CheckpointMismatchError, a UserError like every other
     one the command reports) is one error line naming the checkpoint, exit status 2, no traceback."""
-    from testing_utils import tiny_vit
+    from testing_utils import image_data, tiny_vit
 
-    tiny_vit(seed=0).save_pretrained(tmp_path / "ckpt")
+    from hf_gam import GAMTrainer
+
+    other = GAMTrainer(model=tiny_vit(seed=0), train_dataset=image_data(4), args=GAMConfig(  # a complete checkpoint
+        output_dir=str(tmp_path / "vit"), max_steps=1, per_device_train_batch_size=4, save_strategy="steps",
+        save_steps=1, use_cpu=True, report_to="none", disable_tqdm=True))
+    other.train()
+    ckpt = tmp_path / "vit" / "checkpoint-1"
+    capsys.readouterr()
     assert main(["train", "--max_steps", "1", "--per_device_train_batch_size", "4", "--disable_tqdm", "true",
-                 "--save_strategy", "no", "--resume_from_checkpoint", str(tmp_path / "ckpt"),
+                 "--save_strategy", "no", "--resume_from_checkpoint", str(ckpt),
                  "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"hf-gam: error: checkpoint {tmp_path / 'ckpt'} does not hold" in err
+    assert "Traceback" not in err and f"hf-gam: error: checkpoint {ckpt} does not hold" in err
 
 
 def test_bad_values(tmp_path, capsys):
