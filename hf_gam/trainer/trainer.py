@@ -15,7 +15,10 @@ Overrides, and nothing else:
 - ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
   conversion (:mod:`hf_gam.trainer.checkpoints`).
 - ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``: also write and read ``gam_state.json`` (the
-  fallback and overflow counters) next to the optimizer state.
+  fallback and overflow counters) next to the optimizer state (written atomically).
+- From :class:`~hf_gam.trainer.durable.DurableTrainerMixin` (interrupted runs, docs/reliability.md): ``train`` (resume
+  from the newest complete checkpoint), ``_save_checkpoint`` (commit marker after every process, rotation after it),
+  ``_save``, ``save_metrics``, ``save_state`` (atomic files), and the SIGTERM stop all processes agree on.
 
 What is converted or refused at construction lives in :mod:`hf_gam.trainer.guards`.
 """
