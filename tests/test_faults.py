@@ -198,7 +198,8 @@ def test_cli_sigterm_exit_143_then_the_same_command_resumes(tmp_path):
     assert rc == 143 and "stopped by SIGTERM after saving checkpoint-" in text, text[-3000:]
     rc, text = cli(tmp_path / "run")
     assert rc == 0 and "resuming from checkpoint-" in text, text[-3000:]
-    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "full" / "model.safetensors").read_bytes()
+    final = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert final == (tmp_path / "full" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.distributed
@@ -228,5 +229,6 @@ def test_two_agents_nnodes_2_equal_one_process_on_the_union_batch(tmp_path):
     batches = r0["seen"] + r1["seen"]
     union = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     model = tiny_model()
-    d_ref = direction("gam", loss_of(model, union), r0["theta0"], **ref_kwargs(sgd_args("unused", gam_mode="gam", **HP)))
+    hyper = ref_kwargs(sgd_args("unused", gam_mode="gam", **HP))
+    d_ref = direction("gam", loss_of(model, union), r0["theta0"], **hyper)
     assert_rel(r0["theta0"] - r0["theta1"], d_ref)

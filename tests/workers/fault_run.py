@@ -5,8 +5,9 @@
 there), ``save_sleep`` (seconds slept inside every checkpoint save, between the weights and the optimizer files),
 ``resume`` (1: ``train(resume_from_checkpoint=True)`` when OUT holds a checkpoint), ``fail_open`` (``NAME@N``:
 opening a file NAME for writing fails with ENOSPC from the save of step N on). Every rank writes its pid to
-``OUT/pid-rank{r}-restart{k}`` and prints ``START restart=k rank=r``, ``STEP n`` after each step and ``SAVING n`` / ``SAVED n`` around each
-save (flushed); at the end rank 0 writes the weights to ``OUT/final.pt`` and prints ``DONE``.
+``OUT/pid-rank{r}-restart{k}`` and prints ``START restart=k rank=r``, ``STEP n`` after each step and ``SAVING n``
+/ ``SAVED n`` around each save (flushed); at the end rank 0 writes the weights to ``OUT/final.pt`` and prints
+``DONE``; a run stopped by SIGTERM prints ``STOPPED n`` and exits 143.
 """
 
 import builtins
