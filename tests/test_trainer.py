@@ -11,7 +11,7 @@ from reference import direction, flat_params
 from testing_utils import (
     ALL_MODES,
     HP,
-    TinyConfig,
+    TinyMLPConfig,
     TinyMLP,
     assert_rel,
     image_data,
@@ -365,7 +365,7 @@ class NoKwargsMLP(TinyMLP):
 def test_compute_loss_func_model_without_kwargs_is_trainer_bit_for_bit(tmp_path):
     def run(trainer_cls, args_cls, **kw):
         torch.manual_seed(0)
-        model = NoKwargsMLP(TinyConfig())
+        model = NoKwargsMLP(TinyMLPConfig())
         trainer_cls(model=model, args=train_args(tmp_path / trainer_cls.__name__, args_cls, **kw),
                     train_dataset=tiny_data(dtype=torch.float32), compute_loss_func=smoothed_ce).train()
         return params_of(model)
@@ -392,7 +392,7 @@ def test_compute_loss_func_model_without_kwargs_weighs_micro_batches_as_the_trai
     steps = []
     for trainer_cls, args_cls, kw in ((Trainer, TrainingArguments, {}), (GAMTrainer, GAMConfig, mode)):
         torch.manual_seed(0)
-        model = NoKwargsMLP(TinyConfig()).double()
+        model = NoKwargsMLP(TinyMLPConfig()).double()
         theta0 = flat_params(model)
         trainer_cls(model=model, args=train_args(tmp_path / trainer_cls.__name__, args_cls, **sgd, **kw),
                     train_dataset=tiny_data(n=12), compute_loss_func=summed_smoothed_ce).train()
