@@ -247,6 +247,15 @@ def sgd_args(tmp_path, **kw):
     return GAMConfig(**base)
 
 
+def train_args(tmp_path, cls=GAMConfig, **kw):
+    """Arguments of a short CPU run (3 steps, batch 4, accumulation 2), as ``cls`` (``TrainingArguments`` too)."""
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                learning_rate=0.1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                logging_steps=1, seed=0)
+    base.update(kw)
+    return cls(**base)
+
+
 def ref_kwargs(args):
     return dict(rho=args.gam_rho, alpha=args.gam_alpha, sam_rho=args.sam_rho, rho_prime=args.gam_rho_prime,
                 beta=args.gam_beta, gamma=args.gam_gamma, xi=args.gam_eps, variant=args.gam_fast_variant,
