@@ -14,7 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from testing_utils import tiny_data, tiny_model
 
 from hf_gam.optim import GAM
-from hf_gam.cli_common import exit_process  # noqa: E402
+from hf_gam.cli.common import exit_process  # noqa: E402
 
 HP = dict(rho=0.3, alpha=0.4, rho_prime=0.1, beta=0.3, gamma=0.5)
 # case -> GAM keyword arguments (besides HP) and the closure style; the test builds the union-batch reference from it
