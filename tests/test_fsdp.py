@@ -21,7 +21,7 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import fsdp_step as W  # noqa: E402  (the worker's case table and model builders: one definition)
 
-EXTRA = ["failure", "refusals", "batchnorm", "vit", "bf16"]
+EXTRA = ["failure", "refusals", "batchnorm", "vit", "bf16", "trainer_cpu_fallback"]
 
 
 def torchrun(script, *args, nproc=2, timeout=900):
@@ -155,3 +155,12 @@ def test_bf16_mixed_precision_policy_within_bf16_tolerance(sharded):
         moved = (r - ref[0]).norm()
         assert moved > 1e-2
         assert (g.double() - r).norm() / moved < 2e-2
+
+
+@pytest.mark.distributed
+def test_trainer_fsdp_with_use_cpu_runs_as_ddp_and_is_not_refused(sharded):
+    """transformers and accelerate do not enable FSDP with `use_cpu` (2 processes: DDP). GAMTrainer must then neither
+    refuse nor claim anything about FSDP: an exact mode trains as under DDP (a warning says FSDP is not active)."""
+    for rank in sharded:
+        res = rank["trainer_cpu_fallback"]
+        assert res["fsdp_enabled"] is False and res["ddp"] == "DistributedDataParallel" and res["moved"]

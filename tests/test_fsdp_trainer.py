@@ -1,7 +1,7 @@
 """GAMTrainer and the sharded engines: what runs under accelerate's FSDP2, what is refused before any compute (exact
 modes, the local perturbation, FSDP1, DeepSpeed) and why, and the CPU fallback (transformers and accelerate do not
-enable FSDP with `use_cpu`: the run is DDP, so nothing about FSDP may be claimed or refused). The real FSDP2 run needs
-CUDA: `test_gam_trainer_fsdp2_on_cuda_equals_plain_run` (slow, skipped without a GPU; benchmarks/gpu_checks.sh)."""
+enable FSDP with `use_cpu`: the run is DDP, so nothing about FSDP may be claimed or refused; that needs two processes:
+tests/test_fsdp.py). The real FSDP2 run needs CUDA: `test_gam_trainer_fsdp2_on_cuda_equals_plain_run` (slow, skipped without a GPU; benchmarks/gpu_checks.sh)."""
 
 from __future__ import annotations
 
@@ -69,14 +69,6 @@ def test_mode_none_runs_under_every_engine(tmp_path):
     args = config(tmp_path, gam_mode="none")
     for deepspeed, version in ((True, None), (False, 1), (False, 2)):
         refuse_sharded_engines(args, deepspeed=deepspeed, fsdp_version=version)
-
-
-def test_fsdp_with_use_cpu_falls_back_to_ddp_and_is_not_refused(tmp_path):
-    """With `use_cpu` transformers and accelerate silently run without FSDP: an exact mode is then not refused (the
-    passes run as under DDP) and no FSDP hint is given."""
-    trainer = GAMTrainer(tiny_vit(), config(tmp_path, gam_mode="gam", fsdp="full_shard",
-                                            fsdp_config={"version": 2}))
-    assert not trainer.is_fsdp_enabled
 
 
 @pytest.mark.slow

@@ -190,6 +190,22 @@ def run_bf16(rank, data):
     return {"thetas": thetas, "grad_dtype": str(next(model.parameters()).grad.dtype)}
 
 
+def run_trainer_cpu_fallback(out_dir, data):
+    """GAMTrainer with fsdp="full_shard" and use_cpu on 2 processes: transformers and accelerate run DDP (no FSDP on
+    CPU), so an exact mode is not refused and trains as under DDP."""
+    from hf_gam import GAMConfig, GAMTrainer
+
+    args = GAMConfig(output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, fsdp="full_shard",
+                     fsdp_config={"version": 2}, gam_mode="gam", max_steps=1, per_device_train_batch_size=8,
+                     learning_rate=0.1, report_to=[], save_strategy="no", disable_tqdm=True)
+    model = tiny_model()
+    before = full_weights_of_plain(model).clone()
+    trainer = GAMTrainer(model, args, train_dataset=data)
+    trainer.train()
+    return {"fsdp_enabled": trainer.is_fsdp_enabled, "ddp": type(trainer.model_wrapped).__name__,
+            "moved": not torch.equal(before, full_weights_of_plain(trainer.model))}
+
+
 def main():
     out_dir, names = sys.argv[1], sys.argv[2].split(",")
     dist.init_process_group("gloo")
@@ -209,6 +225,8 @@ def main():
             results[name] = run_vit(rank)
         elif name == "bf16":
             results[name] = run_bf16(rank, data)
+        elif name == "trainer_cpu_fallback":
+            results[name] = run_trainer_cpu_fallback(out_dir, data)
         else:
             raise SystemExit(f"unknown case {name!r}")
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
