@@ -11,10 +11,11 @@ optimizer AdamW (two state buffers per parameter). Reported per process, after 2
 - parameter, gradient and optimizer-state bytes held between steps (local shards under FSDP2);
 - the buffers each mode holds across its passes: at the start of every pass (the closure's entry) the bytes of all
   live tensors (``benchmarks/_common.live_tensor_bytes``) minus those live before the step (parameters, optimizer
-  state; the previous step's gradients count only if still held); the most over the step's passes, in units of the process's own parameter bytes P (the local shard under FSDP2). Each pass adds
-  its own gradient (1 P) and its activations on top; FSDP2 also all-gathers one layer at a time (the same in every
-  mode). ``torch.profiler``'s allocator records are not used here: under FSDP2 on gloo they do not balance
-  (repeated identical backward passes gave peaks of 0.8 to 2.0 P).
+  state; the previous step's gradients count only if still held); the most over the step's passes, in units of the
+  process's own parameter bytes P (the local shard under FSDP2). Each pass adds its own gradient (1 P) and its
+  activations on top; FSDP2 also all-gathers one layer at a time (the same in every mode). ``torch.profiler``'s
+  allocator records are not used here: under FSDP2 on gloo they do not balance (repeated identical backward passes
+  gave peaks of 0.8 to 2.0 P).
 """
 
 from __future__ import annotations

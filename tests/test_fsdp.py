@@ -21,7 +21,7 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "workers"))
 import fsdp_step as W  # noqa: E402  (the worker's case table and model builders: one definition)
 
-EXTRA = ["failure", "refusals", "batchnorm", "vit", "bf16", "trainer_cpu_fallback"]
+EXTRA = ["failure", "refusals", "batchnorm", "vit", "bf16", "functional", "trainer_cpu_fallback"]
 
 
 def torchrun(script, *args, nproc=2, timeout=900):
@@ -155,6 +155,21 @@ def test_bf16_mixed_precision_policy_within_bf16_tolerance(sharded):
         moved = (r - ref[0]).norm()
         assert moved > 1e-2
         assert (g.double() - r).norm() / moved < 2e-2
+
+
+@pytest.mark.distributed
+def test_functional_on_dtensors_and_one_collective_per_scalar_group(sharded):
+    """core.functional on FSDP2 DTensors: global norm and inner products equal those of the gathered tensors (plain
+    tensors, equal on both ranks), copy_ copies every shard; a gam_fast step sums over shards once per norm (‖g0‖,
+    ‖g1-g0‖, ‖g2‖, ‖d‖ for the finiteness check) and once for <h-, h+> and ‖h+‖² together."""
+    for rank in sharded:
+        res = rank["functional"]
+        assert res["plain"] and res["copy"]
+        assert res["norm"][0] == pytest.approx(res["norm"][1], rel=1e-14)
+        for got, want in res["dots"]:
+            assert got == pytest.approx(want, rel=1e-13)
+        assert res["gam_fast_shard_sums"] == [1, 1, 1, 2, 1]
+    assert sharded[0]["functional"]["norm"] == sharded[1]["functional"]["norm"]
 
 
 @pytest.mark.distributed

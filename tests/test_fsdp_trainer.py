@@ -1,7 +1,8 @@
 """GAMTrainer and the sharded engines: what runs under accelerate's FSDP2, what is refused before any compute (exact
 modes, the local perturbation, FSDP1, DeepSpeed) and why, and the CPU fallback (transformers and accelerate do not
 enable FSDP with `use_cpu`: the run is DDP, so nothing about FSDP may be claimed or refused; that needs two processes:
-tests/test_fsdp.py). The real FSDP2 run needs CUDA: `test_gam_trainer_fsdp2_on_cuda_equals_plain_run` (slow, skipped without a GPU; benchmarks/gpu_checks.sh)."""
+tests/test_fsdp.py). The real FSDP2 run needs CUDA: `test_gam_trainer_fsdp2_on_cuda_equals_plain_run` (slow,
+skipped without a GPU; benchmarks/gpu_checks.sh)."""
 
 from __future__ import annotations
 

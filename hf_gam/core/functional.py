@@ -1,11 +1,13 @@
 """Pure tensor math of GAM and its SAM relatives, on lists of tensors.
 
 Every function here takes and returns lists of tensors (one per trainable parameter) and knows nothing about the
-Trainer, accelerate or I/O. Sharded parameters (FSDP2 DTensors) are the one thing it knows of processes: copies run
-shard by shard, and norms and inner products add their per-shard sums over the shards
-(:mod:`hf_gam.core.collectives`), on DTensors or on local shards while ``summing_over_shards`` is active. Names follow the paper (Zhang et al., "Gradient Norm Aware Minimization Seeks
-First-Order Flatness and Improves Generalization", CVPR 2023): ``rho`` (ρ), ``rho_prime`` (ρ'), ``alpha`` (α),
-``beta`` (β), ``gamma`` (γ), ``eps`` (ξ), ``g0..g3`` and ``h_plus`` / ``h_minus`` of Algorithm 2.
+Trainer, accelerate or I/O. Sharded parameters (FSDP2 DTensors) are the one thing it knows of processes: copies
+run shard by shard, and norms and inner products add their per-shard sums over the shards
+(:mod:`hf_gam.core.collectives`), on DTensors or on local shards while ``summing_over_shards`` is active.
+
+Names follow the paper (Zhang et al., "Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves
+Generalization", CVPR 2023): ``rho`` (ρ), ``rho_prime`` (ρ'), ``alpha`` (α), ``beta`` (β), ``gamma`` (γ), ``eps``
+(ξ), ``g0..g3`` and ``h_plus`` / ``h_minus`` of Algorithm 2.
 
 The kernels are ``torch._foreach_*`` (one launch per op for the whole list) where one exists; the tests check them
 against a plain per-tensor loop in float64.

@@ -79,7 +79,8 @@ def run_passes(hyper: GAMHyper, params: Sequence[Tensor], oracle: WindowOracle,
     - FSDP2 (``oracle.shards``): the direction is computed on the local shards of ``params`` (views sharing their
       storage) with norms and inner products summed over the shards; ``d`` holds local shards.
     """
-    with summing_over_shards(getattr(oracle, "shards", None)):  # FSDP2: the math on local shards, norms over all of them
+    # FSDP2: the math on local shards, norms and inner products over all of them
+    with summing_over_shards(getattr(oracle, "shards", None)):
         return _checked_direction(hyper, local_views(params), oracle)
 
 

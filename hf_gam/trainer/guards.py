@@ -63,8 +63,8 @@ def refuse_regional_compilation(args: GAMConfig, plugin) -> None:
 DEEPSPEED_REASON = ("ZeRO partitions gradients into its own buffers, so p.grad is None after backward, and ZeRO-2/3 "
                     "refuse a second backward before step() (\"Gradient computed twice for this partition\"), while "
                     "every mode but 'none' runs several backward passes per step")
-FSDP1_REASON = ("FSDP1 parameters are flattened shards (FlatParameter, or views into them), not DTensors: hf_gam cannot "
-                "tell that they are sharded, so its norms would cover one process's shard")
+FSDP1_REASON = ("FSDP1 parameters are flattened shards (FlatParameter, or views into them), not DTensors: hf_gam "
+                "cannot tell that they are sharded, so its norms would cover one process's shard")
 
 
 def refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp_version: int | None) -> None:

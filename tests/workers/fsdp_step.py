@@ -190,6 +190,41 @@ def run_bf16(rank, data):
     return {"thetas": thetas, "grad_dtype": str(next(model.parameters()).grad.dtype)}
 
 
+def run_functional(rank, data):
+    """core.functional on FSDP2 DTensors directly (outside a step): the global norm, inner products and copy_ against
+    the gathered tensors; and the shard sums of one gam_fast step (one collective each: 4 norms, then <h-, h+> and
+    ||h+||^2 together)."""
+    from hf_gam.core import functional
+
+    model = tiny_model()
+    shard(model, [model.fc1, model.fc2])
+    batch = step_batch(data, 0, rank)
+    F.cross_entropy(model(batch["pixel_values"]).logits, batch["labels"]).backward()
+    grads, params = [p.grad for p in model.parameters()], list(model.parameters())
+    full_g = torch.cat([g.full_tensor().reshape(-1) for g in grads])
+    full_p = torch.cat([p.full_tensor().reshape(-1) for p in params])
+    norm = functional.global_norm(grads)
+    inner, square = functional.dots([(grads, params), (grads, grads)])
+    target = [p.detach().clone() * 0 for p in params]
+    functional.copy_(target, params)
+    calls, real = [], functional.sum_over_shards
+
+    def counting(values, layout):
+        calls.append(values.numel())
+        return real(values, layout)
+
+    functional.sum_over_shards = counting
+    try:
+        opt = GAM(model.parameters(), torch.optim.SGD, lr=0.5, mode="gam_fast", model=model, **HP)
+        opt.step(make_closure(model, opt, batch, "graph"))
+    finally:
+        functional.sum_over_shards = real
+    return {"norm": (float(norm), float(full_g.norm())), "plain": not hasattr(norm, "placements"),
+            "dots": ((float(inner), float(full_g @ full_p)), (float(square), float(full_g @ full_g))),
+            "copy": torch.equal(torch.cat([t.full_tensor().reshape(-1) for t in target]), full_p),
+            "gam_fast_shard_sums": calls}
+
+
 def run_trainer_cpu_fallback(out_dir, data):
     """GAMTrainer with fsdp="full_shard" and use_cpu on 2 processes: transformers and accelerate run DDP (no FSDP on
     CPU), so an exact mode is not refused and trains as under DDP."""
@@ -225,6 +260,8 @@ def main():
             results[name] = run_vit(rank)
         elif name == "bf16":
             results[name] = run_bf16(rank, data)
+        elif name == "functional":
+            results[name] = run_functional(rank, data)
         elif name == "trainer_cpu_fallback":
             results[name] = run_trainer_cpu_fallback(out_dir, data)
         else:
