@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,60 +43,62 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def worker(out: str, size: str) -> None:
+def measure(wrapper: str, mode: str, x, y, size: str) -> dict:
+    """One case: the model wrapped (DDP) or sharded per Linear layer plus the root (FSDP2), two GAM steps; the
+    bytes held after them and the buffers held across the second step's passes."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
+    from _common import MLP, MLPConfig, live_tensor_bytes
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    sys.path.insert(0, HERE)
-    from _common import MLP, MLPConfig, live_tensor_bytes
-
-    from hf_gam.cli.common import exit_process
     from hf_gam.optim import GAM
+
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(in_dim=x[0].numel(), hidden=HIDDEN[size]))
+    if wrapper == "fsdp2":
+        for layer in [*model.body, model.head]:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        net = model
+    else:
+        net = DistributedDataParallel(model)
+    opt = GAM(net.parameters(), torch.optim.AdamW, lr=1e-3, mode=mode, model=net)
+    at_pass_starts: list[int] = []
+
+    def closure():
+        at_pass_starts.append(live_tensor_bytes())
+        return F.cross_entropy(net(x).logits, y)
+
+    opt.step(closure)  # optimizer state exists from here on
+    gc.collect()  # earlier cases' models are garbage now
+    params = list(model.parameters())
+    # what is live before the step, less the previous step's gradients (freed or kept: counted if kept)
+    before = live_tensor_bytes() - _tensor_bytes(_local(p.grad) for p in params if p.grad is not None)
+    at_pass_starts.clear()
+    opt.step(closure)
+    state = [v for s in opt.base_optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"wrapper": wrapper, "mode": mode,
+            "params": _tensor_bytes(_local(p) for p in params),
+            "grads": _tensor_bytes(_local(p.grad) for p in params if p.grad is not None),
+            "optimizer_state": _tensor_bytes(_local(v) for v in state),
+            "full_params": sum(p.numel() * p.element_size() for p in params),
+            "held_across_passes": max(at_pass_starts) - before, "passes": len(at_pass_starts)}
+
+
+def worker(out: str, size: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, HERE)
+    from hf_gam.cli.common import exit_process
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(1 + rank)
-    shape = IN_SHAPE[size]
-    x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 10, (8,), generator=g)
-    rows = []
-    for wrapper in ("ddp", "fsdp2"):
-        for mode in MODES:
-            torch.manual_seed(0)
-            model = MLP(MLPConfig(in_dim=math.prod(shape), hidden=HIDDEN[size]))
-            if wrapper == "fsdp2":
-                for layer in [*model.body, model.head]:
-                    if isinstance(layer, torch.nn.Linear):
-                        fully_shard(layer)
-                fully_shard(model)
-                net = model
-            else:
-                net = DistributedDataParallel(model)
-            opt = GAM(net.parameters(), torch.optim.AdamW, lr=1e-3, mode=mode, model=net)
-            at_pass_starts: list[int] = []
-
-            def closure():
-                at_pass_starts.append(live_tensor_bytes())
-                return F.cross_entropy(net(x).logits, y)
-
-            opt.step(closure)  # optimizer state exists from here on
-            gc.collect()
-            params = list(model.parameters())
-            # what is live before the step, less the previous step's gradients (freed or kept: counted if kept)
-            before = live_tensor_bytes() - _tensor_bytes(_local(p.grad) for p in params if p.grad is not None)
-            at_pass_starts.clear()
-            opt.step(closure)
-            state = [v for s in opt.base_optimizer.state.values() for v in s.values()
-                     if torch.is_tensor(v) and v.dim() > 0]
-            rows.append({"wrapper": wrapper, "mode": mode, "rank": rank,
-                         "params": _tensor_bytes(_local(p) for p in params),
-                         "grads": _tensor_bytes(_local(p.grad) for p in params if p.grad is not None),
-                         "optimizer_state": _tensor_bytes(_local(v) for v in state),
-                         "full_params": sum(p.numel() * p.element_size() for p in params),
-                         "held_across_passes": max(at_pass_starts) - before, "passes": len(at_pass_starts)})
-            del opt, net, model
+    x, y = torch.randn(8, *IN_SHAPE[size], generator=g), torch.randint(0, 10, (8,), generator=g)
+    rows = [{**measure(wrapper, mode, x, y, size), "rank": rank} for wrapper in ("ddp", "fsdp2") for mode in MODES]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows)
     if rank == 0:

@@ -9,12 +9,11 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from testing_utils import tiny_data, tiny_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from testing_utils import tiny_data, tiny_model
-
+from hf_gam.cli.common import exit_process
 from hf_gam.optim import GAM
-from hf_gam.cli.common import exit_process  # noqa: E402
 
 HP = dict(rho=0.3, alpha=0.4, rho_prime=0.1, beta=0.3, gamma=0.5)
 # case -> GAM keyword arguments (besides HP) and the closure style; the test builds the union-batch reference from it
@@ -63,7 +62,7 @@ def make_closure(model, opt, batch, style):
 
 
 def run_case(name, rank, data):
-    kind, style = name.split(":")
+    style = name.split(":")[1]
     model = tiny_model()
     shard(model, [model.fc1, model.fc2])
     kw = {k: v for k, v in CASES[name].items() if k not in ("mode",)}
@@ -182,9 +181,9 @@ def run_bf16(rank, data):
     for t in range(STEPS):
         batch = {k: (v.float() if v.is_floating_point() else v) for k, v in step_batch(data, t, rank).items()}
 
-        def closure():
-            logits = model(batch["pixel_values"]).logits
-            return F.cross_entropy(logits.float(), batch["labels"])
+        def closure(batch=batch):
+            return F.cross_entropy(model(batch["pixel_values"]).logits.float(), batch["labels"])
+
         opt.step(closure)
         thetas.append(full_weights(model))
     return {"thetas": thetas, "grad_dtype": str(next(model.parameters()).grad.dtype)}

@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-
 from testing_utils import TensorDataset, tiny_vit
 
 from hf_gam import GAMConfig, GAMTrainer

@@ -9,9 +9,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-
 from testing_utils import tiny_data, tiny_model
+from torch.distributed.fsdp import fully_shard
 
 from hf_gam import GAMConfig, GAMTrainer
 
