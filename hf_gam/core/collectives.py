@@ -120,12 +120,15 @@ def shard_layout(params: Sequence[Tensor]) -> ShardLayout | None:
 
 
 def local_view(t: Tensor) -> Tensor:
-    """This process's shard of ``t`` as a plain tensor sharing its storage (``t`` itself when it is not sharded)."""
-    return t.detach().to_local() if is_sharded(t) else t
+    """This process's shard of ``t`` as a plain tensor sharing its storage, outside autograd (``t`` itself when it is
+    not sharded)."""
+    return local_views([t])[0]
 
 
 def local_views(tensors: Sequence[Tensor]) -> list[Tensor]:
-    return [local_view(t) for t in tensors]
+    """:func:`local_view` of each (``to_local`` under no_grad: about 6 us a tensor, ``detach().to_local()`` 50)."""
+    with torch.no_grad():
+        return [t.to_local() if is_sharded(t) else t for t in tensors]
 
 
 def sharded_like(local: Tensor, param: Tensor) -> Tensor:
