@@ -75,8 +75,9 @@ def test_sharded_steps_equal_union_batch_run(sharded, case):
     style = case.split(":")[1]
     r0, r1 = (r[case]["thetas"] for r in sharded)
     assert all(torch.equal(a, b) for a, b in zip(r0, r1)), "ranks diverged"
-    spec = dict(W.CASES[case])
-    ref = union_run(tiny_model(), W.STEPS, union_batch, style, schedule="rho_schedule" in spec, **W.HP, **spec)
+    spec = W.CASES[case]
+    ref = union_run(tiny_model(), W.STEPS, union_batch, style, schedule="rho_schedule" in spec, mode=spec["mode"],
+                    **W.HP, **W.gam_kwargs(spec))
     assert max_diff(r0, ref) < 1e-12
     assert (r0[-1] - r0[0]).abs().max() > 1e-3
 

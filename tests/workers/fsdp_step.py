@@ -30,7 +30,17 @@ CASES = {
     "gam_fast_adaptive:graph": dict(mode="gam_fast", adaptive=True),
     # every=2, the lr-proportional radius under a StepLR schedule, clipping of the sharded direction
     "gam_fast_options:backward": dict(mode="gam_fast", every=2, rho_schedule="lr_proportional", max_grad_norm=0.05),
+    # a GradScaler (fp16's machinery) on the sharded gradients: unscale_, step and update on DTensors
+    "sam_grad_scaler:graph": dict(mode="sam", grad_scaler=True),
 }
+
+
+def gam_kwargs(spec):
+    """The GAM keyword arguments of a case (a fresh GradScaler where the case asks for one)."""
+    kw = {k: v for k, v in spec.items() if k != "mode"}
+    if kw.pop("grad_scaler", False):
+        kw["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return kw
 STEPS = 3
 
 
@@ -65,7 +75,7 @@ def run_case(name, rank, data):
     style = name.split(":")[1]
     model = tiny_model()
     shard(model, [model.fc1, model.fc2])
-    kw = {k: v for k, v in CASES[name].items() if k not in ("mode",)}
+    kw = gam_kwargs(CASES[name])
     opt = GAM(model.parameters(), torch.optim.SGD, lr=0.5, mode=CASES[name]["mode"], model=model, **HP, **kw)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if "rho_schedule" in kw else None
     thetas = [full_weights(model)]
