@@ -74,12 +74,13 @@ def test_mode_none_runs_under_every_engine(tmp_path):
 
 def test_trainer_step_on_a_sharded_model_equals_plain_run(tmp_path):
     """GAMTrainer.train() on a model sharded by fully_shard (1-process mesh, CPU; accelerate cannot enable FSDP on
-    CPU, so the model is sharded before the Trainer gets it): sam and gam_fast, global perturbation, 2 micro-batches
-    per step, 3 steps, equal to the unsharded model's training (float64)."""
+    CPU, so the model is sharded before the Trainer gets it): sam and gam_fast with the global perturbation, sam with
+    the local one (a 1-process mesh has no other process to reduce-scatter with), 2 micro-batches per step, 3 steps,
+    equal to the unsharded model's training (float64)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "workers", "fsdp_trainer_cpu.py"), str(tmp_path),
-                           "sam,gam_fast"], env=env, capture_output=True, text=True, timeout=600)
+                           "sam:global,gam_fast:global,sam:local"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = torch.load(tmp_path / "result.pt", weights_only=False)
     for mode, res in results.items():

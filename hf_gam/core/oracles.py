@@ -171,7 +171,8 @@ class WindowOracle:
         copies), so every pass runs ``backward()``; FSDP reduce-scatters and averages the gradient over processes
         into ``p.grad``, so no gradient is all-reduced here. Micro-batch ``i``'s loss is weighted by its share times
         the process count (FSDP averages) and the gradients accumulate in ``p.grad``; only the loss is all-reduced.
-        Returns this process's shards of the gradient (``p.grad`` is cleared)."""
+        Returns this process's shards of the gradient; ``p.grad`` is left as it was (earlier micro-batches' share)."""
+        kept = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         processes = world_size() if self.reduce else 1
@@ -181,8 +182,8 @@ class WindowOracle:
             with self.pass_context():
                 losses.append(self._backward_pass(batch, share * (self.loss_scale or 1.0)))
         grads = [None if p.grad is None else local_view(p.grad) for p in self.params]
-        for p in self.params:
-            p.grad = None
+        for p, k in zip(self.params, kept):
+            p.grad = k
         g = list(self._materialize(grads, like=local_views(self.params)))
         loss = losses[0] if self.weights is None else sum(w.to(l.dtype) * l for w, l in zip(self.weights, losses))
         if self.reduce:
