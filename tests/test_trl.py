@@ -1,0 +1,269 @@
+"""TRL's SFT, DPO and reward trainers made sharpness-aware (``hf_gam.trl``), checked against the plain TRL trainers
+(bit for bit where the step is the same) and against float64 references of each trainer's loss
+(``trl_reference.py`` + ``reference.direction``), with accumulation 2 and uneven micro-batches (3 + 2 rows)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+import datasets  # noqa: E402
+from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: E402
+
+from hf_gam import GAMConfig, GAMTrainer  # noqa: E402
+from hf_gam.trl import (GAMDPOConfig, GAMDPOTrainer, GAMRewardConfig, GAMRewardTrainer, GAMSFTConfig,  # noqa: E402
+                        GAMSFTTrainer, gam_config_class, with_gam)
+from reference import direction, flat_params  # noqa: E402
+from testing_utils import HP, assert_rel, ref_kwargs  # noqa: E402
+from trl_reference import dpo_loss_of, reward_loss_of, sft_loss_of, shifted_targets  # noqa: E402
+from trl_utils import (char_tokenizer, conversation_data, preference_data, prompt_completion_data,  # noqa: E402
+                       text_data, tiny_llama, tiny_reward_model)
+
+datasets.disable_progress_bars()
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+STEP = dict(use_cpu=True, bf16=False, report_to="none", max_steps=1, per_device_train_batch_size=3,
+            gradient_accumulation_steps=2, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+            max_grad_norm=0.0, weight_decay=0.0, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+KINDS = {  # plain TRL trainer, ours, TRL's config, model, data
+    "sft": (SFTTrainer, GAMSFTTrainer, SFTConfig, tiny_llama, text_data),
+    "dpo": (DPOTrainer, GAMDPOTrainer, DPOConfig, tiny_llama, preference_data),
+    "reward": (RewardTrainer, GAMRewardTrainer, RewardConfig, tiny_reward_model, preference_data),
+}
+TOKENIZER = char_tokenizer()
+_PLAIN: dict = {}
+
+
+def recording(cls):
+    """``cls`` keeping the micro-batches the Trainer fed to ``training_step``."""
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = getattr(self, "seen", []) + [dict(inputs)]
+        return cls.training_step(self, model, inputs, num_items_in_batch)
+
+    return type(f"Recording{cls.__name__}", (cls,), {"training_step": training_step})
+
+
+def train(kind, cls, args, *, data=None, model=None, **kw):
+    """One optimizer step of ``cls``; returns ``(trainer, θ0, θ1)``."""
+    _, _, _, make_model, make_data = KINDS[kind]
+    model = model if model is not None else make_model()
+    if kind == "dpo" and "ref_model" not in kw:
+        kw["ref_model"] = tiny_llama(seed=1)  # a reference unlike the policy: the log-ratios are not zero
+    theta0 = flat_params(model)
+    trainer = recording(cls)(model=model, args=args, train_dataset=data or make_data(), processing_class=TOKENIZER,
+                             **kw)
+    trainer.train()
+    return trainer, theta0, flat_params(model)
+
+
+def plain(kind):
+    """The plain TRL trainer's step (cached: several tests compare with it)."""
+    if kind not in _PLAIN:
+        plain_cls, _, config_cls, _, _ = KINDS[kind]
+        _PLAIN[kind] = train(kind, plain_cls, config_cls(output_dir="unused", **STEP))
+    return _PLAIN[kind]
+
+
+def trl_metrics(trainer):
+    """What TRL logged in the first step, the GAM figures and timings left out."""
+    logs = trainer.state.log_history[0]
+    return {k: v for k, v in logs.items() if not k.startswith(("gam/", "grad_norm")) and k != "loss"}
+
+
+def reference_step(kind, trainer, theta0, args, **loss_kw):
+    """``θ0 - Σ w_i d_i`` in float64: ``d_i`` the mode's direction on micro-batch ``i``'s loss, ``w_i`` its share of the
+    trainer's objective (SFT: its scored tokens over the window's; DPO and reward: 1 / accumulation steps)."""
+    make_model = KINDS[kind][3]
+    model = make_model(**loss_kw.pop("model_kw", {}))
+    batches = trainer.seen
+    if kind == "sft":
+        counts = [shifted_targets(b).ne(-100).sum().double() for b in batches]
+        weights = [c / sum(counts) for c in counts]
+        losses = [sft_loss_of(model, b) for b in batches]
+    elif kind == "dpo":
+        weights = [1 / len(batches)] * len(batches)
+        losses = [dpo_loss_of(model, tiny_llama(seed=1), b, beta=args.beta) for b in batches]
+    else:
+        weights = [1 / len(batches)] * len(batches)
+        losses = [reward_loss_of(model, b) for b in batches]
+    step = sum(w * direction(args.gam_mode, L, theta0, **ref_kwargs(args)) for w, L in zip(weights, losses))
+    return theta0 - step
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("config_cls", [SFTConfig, DPOConfig, RewardConfig])
+def test_gam_configs_keep_trl_defaults(config_cls):
+    """``gam_config_class(C)``, a hand-written ``@dataclass class X(GAMConfig, C)`` and ``with_gam(C(...))`` keep
+    every default and value of TRL's config (``bf16``, ``gradient_checkpointing``, ``learning_rate``,
+    ``logging_steps`` differ from ``TrainingArguments``'), parse with ``HfArgumentParser`` and pickle."""
+
+    @dataclasses.dataclass
+    class HandWritten(GAMConfig, config_cls):
+        pass
+
+    def values(config):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config_cls) if f.init}
+
+    theirs = config_cls(output_dir="o", use_cpu=True)
+    for combined in (gam_config_class(config_cls)(output_dir="o", use_cpu=True), HandWritten(output_dir="o", use_cpu=True),
+                     with_gam(theirs)):
+        assert isinstance(combined, config_cls) and isinstance(combined, GAMConfig)
+        assert values(combined) == values(theirs)
+        assert (combined.gam_mode, combined.gam_rho) == ("gam_fast", 0.2)
+    assert HandWritten(output_dir="o", use_cpu=True).learning_rate != TrainingArguments(output_dir="o").learning_rate
+    parsed, = HfArgumentParser(gam_config_class(config_cls)).parse_args_into_dataclasses(
+        ["--output_dir", "o", "--use_cpu", "true", "--gam_mode", "sam", "--learning_rate", "0.5"])
+    assert (parsed.gam_mode, parsed.learning_rate, parsed.bf16) == ("sam", 0.5, theirs.bf16)
+    restored = pickle.loads(pickle.dumps(with_gam(theirs, gam_mode="sam", sam_rho=0.1)))
+    assert type(restored) is gam_config_class(config_cls) and (restored.gam_mode, restored.sam_rho) == ("sam", 0.1)
+    with pytest.raises(TypeError, match="gam_moed"):
+        with_gam(theirs, gam_moed="sam")
+
+
+def test_users_own_trl_config_unchanged():
+    """The user's own ``SFTConfig`` trains in the default mode with every value kept; plain ``TrainingArguments``
+    become an ``SFTConfig`` as TRL converts them; a ``GAMConfig`` keeps its ``gam_*`` values."""
+    theirs = SFTConfig(output_dir="o", max_length=64, **STEP)
+    trainer = GAMSFTTrainer(model=tiny_llama(), args=theirs, train_dataset=text_data(), processing_class=TOKENIZER)
+    assert isinstance(trainer.args, SFTConfig) and trainer.args.gam_mode == "gam_fast"
+    assert all(getattr(trainer.args, f.name) == getattr(theirs, f.name) for f in dataclasses.fields(SFTConfig)
+               if f.init and f.name != "gradient_checkpointing_kwargs")
+    stock = dict(STEP, learning_rate=0.25)
+    trainer = GAMSFTTrainer(tiny_llama(), TrainingArguments(output_dir="o", **stock), train_dataset=text_data(),
+                            processing_class=TOKENIZER)
+    assert isinstance(trainer.args, SFTConfig) and trainer.args.learning_rate == 0.25
+    trainer = GAMSFTTrainer(tiny_llama(), GAMConfig(output_dir="o", gam_mode="sam", sam_rho=0.07, **STEP),
+                            train_dataset=text_data(), processing_class=TOKENIZER)
+    assert isinstance(trainer.args, GAMSFTConfig) and (trainer.args.gam_mode, trainer.args.sam_rho) == ("sam", 0.07)
+
+
+# ----------------------------------------------------------------------------- against the plain trainers
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_none_and_sam_rho0_equal_plain_trainer(kind):
+    """``gam_mode="none"`` is the plain TRL step bit for bit; ``sam`` with ρ = 0 is the same step (up to the
+    round-off of TRL's fused LM head, which accumulates in float32), and logs TRL's metrics once per micro-batch:
+    every one equal to the plain trainer's (``num_tokens`` was 2x before)."""
+    _, ours, config_cls, _, _ = KINDS[kind]
+    reference, theta0, theta_plain = plain(kind)
+    none, _, theta_none = train(kind, ours, with_gam(config_cls(output_dir="o", **STEP), gam_mode="none"))
+    assert torch.equal(theta_none, theta_plain)
+    assert trl_metrics(none) == trl_metrics(reference)
+    sam, _, theta_sam = train(kind, ours, with_gam(config_cls(output_dir="o", **STEP), gam_mode="sam", sam_rho=0.0))
+    assert_rel(theta_sam - theta0, theta_plain - theta0, tol=1e-6)
+    assert trl_metrics(sam) == trl_metrics(reference)
+    assert sam.state.log_history[0]["loss"] == pytest.approx(reference.state.log_history[0]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sam", "gam_fast"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_step_equals_float64_reference(kind, mode):
+    """One step of ``sam`` / ``gam_fast`` with accumulation 2 over micro-batches of 3 and 2 rows equals the float64
+    reference of that trainer's loss; TRL's metrics come from the clean pass only (equal to the plain trainer's)."""
+    _, ours, config_cls, _, _ = KINDS[kind]
+    args = with_gam(config_cls(output_dir="o", **STEP), gam_mode=mode, **HP)
+    trainer, theta0, theta1 = train(kind, ours, args)
+    assert [len(b["input_ids"]) for b in trainer.seen] == ([3, 2] if kind == "sft" else [6, 4])
+    assert_rel(theta1, reference_step(kind, trainer, theta0, args), tol=1e-6 if kind == "reward" else 2e-6)
+    assert trl_metrics(trainer) == trl_metrics(plain(kind)[0])
+
+
+@pytest.mark.parametrize("variant", ["completion_only", "assistant_only", "padding_free"])
+def test_sft_masks_and_padding_free(variant):
+    """SFT's completion-only and assistant-only masks and padding-free batches: one ``gam_fast`` step equals the
+    float64 reference over exactly the tokens TRL scores."""
+    data = {"completion_only": prompt_completion_data(), "assistant_only": conversation_data(),
+            "padding_free": text_data()}[variant]
+    extra = {"assistant_only": dict(assistant_only_loss=True), "padding_free": dict(padding_free=True, max_length=None)}.get(variant, {})
+    args = with_gam(SFTConfig(output_dir="o", **STEP, **extra), gam_mode="gam_fast", **HP)
+    trainer, theta0, theta1 = train("sft", GAMSFTTrainer, args, data=data)
+    batch = trainer.seen[0]
+    if variant == "padding_free":
+        assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch and "attention_mask" not in batch
+    else:  # some tokens of real text are not scored
+        assert (batch["labels"].eq(-100) & batch["attention_mask"].bool()).any()
+    assert_rel(theta1, reference_step("sft", trainer, theta0, args), tol=2e-6)
+
+
+# -------------------------------------------------------------------------------------------------- DPO
+def test_dpo_reference_log_probs_once_per_micro_batch_and_fixed():
+    """The reference model runs once per micro-batch (not once per pass), never changes, and the step is bit for
+    bit the one with the reference recomputed in every pass (TRL's loss as it is)."""
+    args = with_gam(DPOConfig(output_dir="o", **STEP), gam_mode="gam_fast", **HP)
+    results = {}
+    for reuse in (True, False):
+        reference_model = tiny_llama(seed=1)
+        before = copy.deepcopy(reference_model.state_dict())
+        calls = []
+        reference_model.register_forward_hook(lambda *_: calls.append(1))
+        cls = type("DPO", (GAMDPOTrainer,), {"gam_reuse_ref_log_probs": reuse})
+        _, _, theta1 = train("dpo", cls, args, ref_model=reference_model)
+        assert all(torch.equal(v, reference_model.state_dict()[k]) for k, v in before.items())
+        results[reuse] = (len(calls), theta1)
+    assert results[True][0] == 2 and results[False][0] == 2 * 4  # 2 micro-batches, 4 passes of gam_fast
+    assert torch.equal(results[True][1], results[False][1])
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_generating_trainers_refused():
+    from trl import GRPOTrainer, RLOOTrainer
+
+    for generating in (GRPOTrainer, RLOOTrainer):
+        mixed = type(f"GAM{generating.__name__}", (GAMTrainer, generating), {})
+        with pytest.raises(ValueError, match=f"{generating.__name__}: it generates completions inside the training"):
+            mixed(model=tiny_llama(), args=None, train_dataset=text_data())
+
+
+@pytest.mark.parametrize("kind,mode", [("sft", "gam"), ("dpo", "gnp"), ("sft", "gam_sam")])
+def test_exact_hvp_modes_refused_through_fused_head(kind, mode):
+    _, ours, config_cls, _, _ = KINDS[kind]
+    with pytest.raises(ValueError, match=f"gam_mode='{mode}'.*fused LM head.*double backward"):
+        ours(model=tiny_llama(), args=with_gam(config_cls(output_dir="o", **STEP), gam_mode=mode),
+             train_dataset=preference_data() if kind == "dpo" else text_data(), processing_class=TOKENIZER)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT
+@pytest.mark.parametrize("kind,mode", [("sft", "sam"), ("sft", "gam_fast"), ("dpo", "gam_fast")])
+def test_peft_lora_trains_with_base_model_bit_identical(kind, mode):
+    """LoRA adapters (TRL's ``peft_config``) train in ``sam`` / ``gam_fast``; every base weight stays bit for bit
+    (DPO's reference is then the base model, adapters disabled)."""
+    from peft import LoraConfig
+
+    model = tiny_llama(dtype=torch.float32)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    _, ours, config_cls, _, _ = KINDS[kind]
+    args = with_gam(config_cls(output_dir="o", **dict(STEP, learning_rate=0.1)), gam_mode=mode, **HP)
+    trainer = ours(model=model, args=args, train_dataset=KINDS[kind][4](), processing_class=TOKENIZER,
+                   peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False))
+    adapters = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    assert adapters and all("lora_" in n for n in adapters)
+    assert all(not torch.equal(adapters[n], after[n]) for n in adapters)
+    state = trainer.model.get_base_model().state_dict()
+    for key, value in base.items():
+        weight = state.get(key, state.get(key.replace(".weight", ".base_layer.weight")))
+        assert torch.equal(weight, value), key
+
+
+# ---------------------------------------------------------------------------------------- hand-written
+def test_hand_written_mix_is_the_shipped_class():
+    """``class C(GAMTrainer, SFTTrainer)`` written by hand with the user's own ``SFTConfig`` trains exactly as
+    ``hf_gam.trl.GAMSFTTrainer``, TRL's metrics once per micro-batch included."""
+
+    class HandWritten(GAMTrainer, SFTTrainer):
+        pass
+
+    args = SFTConfig(output_dir="o", **STEP)
+    ours, _, theta_ours = train("sft", GAMSFTTrainer, args)
+    theirs, _, theta_theirs = train("sft", HandWritten, args)
+    assert isinstance(theirs.args, GAMConfig) and theirs.args.gam_mode == "gam_fast"
+    assert torch.equal(theta_ours, theta_theirs)
+    assert trl_metrics(theirs) == trl_metrics(ours) == trl_metrics(plain("sft")[0])
