@@ -13,7 +13,10 @@ hand-written ``class C(GAMTrainer, SFTTrainer)`` behaves the same. See ``docs/tr
 
 from __future__ import annotations
 
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+try:
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+except ImportError as error:  # trl is an optional extra
+    raise ImportError(f"hf_gam.trl needs TRL: pip install 'hf_gam[trl]' ({error})") from error
 
 from .trainer.config_classes import gam_config_class, with_gam
 from .trainer.trainer import GAMTrainer

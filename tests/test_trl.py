@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
+import os
 import pickle
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +273,41 @@ def test_hand_written_mix_is_the_shipped_class():
     assert isinstance(theirs.args, GAMConfig) and theirs.args.gam_mode == "gam_fast"
     assert torch.equal(theta_ours, theta_theirs)
     assert trl_metrics(theirs) == trl_metrics(ours) == trl_metrics(plain("sft")[0])
+
+
+# ------------------------------------------------------------------------------ optional extra, example
+def test_hf_gam_does_not_need_trl():
+    """``import hf_gam`` and a stock ``GAMTrainer`` neither need nor load trl; ``hf_gam.trl`` without trl says what
+    to install."""
+    code = """
+import sys
+import hf_gam
+from hf_gam import GAMConfig, GAMTrainer
+assert "trl" not in sys.modules, "import hf_gam loaded trl"
+sys.modules["trl"] = None  # as if trl were not installed
+from testing_utils import tiny_data, tiny_model
+GAMTrainer(model=tiny_model(), args=GAMConfig(output_dir="o", use_cpu=True, report_to="none"), train_dataset=tiny_data())
+try:
+    import hf_gam.trl
+except ImportError as error:
+    assert "pip install 'hf_gam[trl]'" in str(error), error
+else:
+    raise AssertionError("hf_gam.trl imported without trl")
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(Path(__file__).parents[1]), str(Path(__file__).parent)])})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_example_trl_sft_gam_runs(tmp_path):
+    """``examples/trl_sft_gam.py`` trains the tiny Llama offline (assistant-only loss, ``gam_fast``) and saves it."""
+    script = Path(__file__).parents[1] / "examples" / "trl_sft_gam.py"
+    done = subprocess.run([sys.executable, str(script), "--max_steps", "10", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["gam_mode"] == "gam_fast" and math.isfinite(summary["last_loss"]) and summary["num_tokens"] > 0
+    assert (tmp_path / "model.safetensors").is_file()
