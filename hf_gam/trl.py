@@ -18,7 +18,7 @@ try:
 except ImportError as error:  # trl is an optional extra
     raise ImportError(f"hf_gam.trl needs TRL: pip install 'hf_gam[trl]' ({error})") from error
 
-from .trainer.config_classes import gam_config_class, with_gam
+from .trainer.config import gam_config_class, with_gam
 from .trainer.trainer import GAMTrainer
 
 __all__ = ["GAMDPOConfig", "GAMDPOTrainer", "GAMRewardConfig", "GAMRewardTrainer", "GAMSFTConfig", "GAMSFTTrainer",

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .config import GAMConfig
+from .config import GAMConfig, with_gam
 from ..core.directions import MODES
 
 __all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "uncompiled"]
@@ -34,6 +34,8 @@ def as_gam_config(args: TrainingArguments) -> GAMConfig:
     Fields of another subclass that ``GAMConfig`` lacks are kept as plain attributes."""
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"GAMTrainer needs args=GAMConfig(...) or TrainingArguments(...); got {type(args).__name__}")
+    if type(args) is not TrainingArguments:  # a subclass: combined with GAMConfig, its fields and defaults kept
+        return with_gam(args)
     ours = {f.name for f in dataclasses.fields(GAMConfig) if f.init}
     theirs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     config = GAMConfig(**{k: v for k, v in theirs.items() if k in ours})

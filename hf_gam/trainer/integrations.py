@@ -25,8 +25,7 @@ import typing
 
 from transformers import TrainingArguments
 
-from .config import GAMConfig
-from .config_classes import gam_config_class, with_gam
+from .config import GAMConfig, gam_config_class, with_gam
 from ..core.directions import MODES
 
 __all__ = ["GENERATING_TRAINERS", "TRLIntegration", "TrainerIntegration", "integration_for"]

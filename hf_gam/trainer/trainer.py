@@ -20,6 +20,7 @@ What is converted or refused at construction lives in :mod:`hf_gam.trainer.guard
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -30,8 +31,9 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
-from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
+from .guards import refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from ..core.directions import MODES
+from .integrations import integration_for
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
 from ..core.collectives import all_reduce_, world_size
 from ..core.oracles import MicroBatchOracle, WindowOracle
@@ -52,21 +54,25 @@ class GAMTrainer(Trainer):
     Trainer's. See :class:`hf_gam.GAMConfig` for the ``gam_*`` fields and ``docs/algorithms.md`` for the update rules.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a, **kw):
-        if args is None:
-            args = GAMConfig(output_dir="trainer_output")
-        elif not isinstance(args, GAMConfig):
-            args = as_gam_config(args)
+    def __init__(self, *a, **kw):
+        """The arguments of the Trainer class mixed in (``transformers.Trainer``'s: ``model``, ``args``, ...; TRL's
+        ``DPOTrainer``'s: ``model``, ``ref_model``, ``args``, ...), positional or by name."""
+        bound = inspect.signature(super().__init__).bind_partial(*a, **kw)
+        self.gam_integration = integration_for(type(self))  # what the Trainer subclass mixed in needs (TRL's)
+        args = bound.arguments["args"] = self.gam_integration.gam_args(bound.arguments.get("args"),
+                                                                       bound.arguments.get("model"))
+        self.gam_integration.refuse(args)
         refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
-        super().__init__(model, args, *a, **kw)
+        super().__init__(*bound.args, **bound.kwargs)
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
         self._gam_rho_used: float | None = None
         self._gam_window: list[dict[str, Any]] = []
+        self._gam_evaluated: list[dict[str, Any]] = []  # micro-batches whose loss this step has evaluated
         self._gam_head = classifier_config(self.accelerator.unwrap_model(self.model))
-        if self.compute_loss_func is not None:
+        if self.compute_loss_func is not None or not self.gam_integration.own_head_loss:
             self._gam_head = None  # the user's loss is the loss
         self._stock_accepts_loss_kwargs = self.model_accepts_loss_kwargs
         if self._gam_head is not None:
@@ -112,7 +118,10 @@ class GAMTrainer(Trainer):
     def _mean_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """Mean loss of one micro-batch at the current weights (the ``L`` of docs/algorithms.md): the loss summed
         over its counted label elements divided by their count ``n_i`` (:meth:`_num_items`)."""
-        with self.compute_loss_context_manager():
+        clean = not any(b is inputs for b in self._gam_evaluated)  # its first evaluation in this step
+        if clean:
+            self._gam_evaluated.append(inputs)
+        with self.compute_loss_context_manager(), self.gam_integration.pass_context(self, inputs, clean):
             if self._own_loss_applies(inputs):
                 _, total, n_items = self._summed_loss(model, inputs)
                 return total / n_items.to(total.device).clamp_min(1)
@@ -122,6 +131,9 @@ class GAMTrainer(Trainer):
         """What the Trainer's ``num_items_in_batch`` counts for this micro-batch: label elements that are not
         ``-100`` (rows for single-label and 1-output regression heads, rows x classes for multi-label ones; a causal
         LM's shifted targets ``labels[..., 1:]``, or ``shift_labels``, by the Trainer's own rule)."""
+        n_items = self.gam_integration.num_items(self, inputs)
+        if n_items is not None:
+            return n_items
         labels = inputs.get("shift_labels", inputs.get("labels"))
         if isinstance(labels, Tensor):
             if "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False):
@@ -154,7 +166,8 @@ class GAMTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.gam_integration.prepare_micro_batch(self, self._prepare_inputs(inputs))
+        self._gam_evaluated = []
         if MODES[self.args.gam_mode].hvp:
             model = uncompiled(model)  # aot_autograd has no double backward; parameters are shared
         params = [p for p in model.parameters() if p.requires_grad]
