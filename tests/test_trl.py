@@ -83,22 +83,25 @@ def trl_metrics(trainer):
     return {k: v for k, v in logs.items() if not k.startswith(("gam/", "grad_norm")) and k != "loss"}
 
 
-def reference_step(kind, trainer, theta0, args, **loss_kw):
+def reference_step(kind, trainer, theta0, args):
     """``θ0 - Σ w_i d_i`` in float64: ``d_i`` the mode's direction on micro-batch ``i``'s loss, ``w_i`` its share of the
-    trainer's objective (SFT: its scored tokens over the window's; DPO and reward: 1 / accumulation steps)."""
-    make_model = KINDS[kind][3]
-    model = make_model(**loss_kw.pop("model_kw", {}))
-    batches = trainer.seen
+    trainer's objective (SFT: its scored tokens over the window's; DPO and reward: 1 / accumulation steps). With
+    ``gam_perturbation="global"``: ``θ0 - d`` with ``d`` the direction on the window's mean loss (over tokens for
+    SFT, over pairs for DPO and reward), whatever the split."""
+    model, batches = KINDS[kind][3](), trainer.seen
     if kind == "sft":
         counts = [shifted_targets(b).ne(-100).sum().double() for b in batches]
-        weights = [c / sum(counts) for c in counts]
         losses = [sft_loss_of(model, b) for b in batches]
-    elif kind == "dpo":
-        weights = [1 / len(batches)] * len(batches)
-        losses = [dpo_loss_of(model, tiny_llama(seed=1), b, beta=args.beta) for b in batches]
     else:
-        weights = [1 / len(batches)] * len(batches)
-        losses = [reward_loss_of(model, b) for b in batches]
+        counts = [torch.tensor(len(b["input_ids"]) / 2, dtype=torch.float64) for b in batches]
+        losses = [dpo_loss_of(model, tiny_llama(seed=1), b, beta=args.beta) if kind == "dpo"
+                  else reward_loss_of(model, b) for b in batches]
+    if args.gam_perturbation == "global":
+        def window_loss(theta):
+            return sum(c * L(theta) for c, L in zip(counts, losses)) / sum(counts)
+
+        return theta0 - direction(args.gam_mode, window_loss, theta0, **ref_kwargs(args))
+    weights = [c / sum(counts) for c in counts] if kind == "sft" else [1 / len(batches)] * len(batches)
     step = sum(w * direction(args.gam_mode, L, theta0, **ref_kwargs(args)) for w, L in zip(weights, losses))
     return theta0 - step
 
@@ -180,6 +183,16 @@ def test_step_equals_float64_reference(kind, mode):
     assert trl_metrics(trainer) == trl_metrics(plain(kind)[0])
 
 
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_global_perturbation_equals_float64_reference(kind):
+    """``gam_perturbation="global"``: every pass over the whole window, the direction of the window's mean loss."""
+    _, ours, config_cls, _, _ = KINDS[kind]
+    args = with_gam(config_cls(output_dir="o", **STEP), gam_mode="gam_fast", gam_perturbation="global", **HP)
+    trainer, theta0, theta1 = train(kind, ours, args)
+    assert_rel(theta1, reference_step(kind, trainer, theta0, args), tol=2e-6)
+    assert trl_metrics(trainer) == trl_metrics(plain(kind)[0])
+
+
 @pytest.mark.parametrize("variant", ["completion_only", "assistant_only", "padding_free"])
 def test_sft_masks_and_padding_free(variant):
     """SFT's completion-only and assistant-only masks and padding-free batches: one ``gam_fast`` step equals the
@@ -214,6 +227,20 @@ def test_dpo_reference_log_probs_once_per_micro_batch_and_fixed():
         results[reuse] = (len(calls), theta1)
     assert results[True][0] == 2 and results[False][0] == 2 * 4  # 2 micro-batches, 4 passes of gam_fast
     assert torch.equal(results[True][1], results[False][1])
+
+
+def test_dpo_precomputed_reference_log_probs():
+    """With TRL's ``precompute_ref_log_probs=True`` the reference runs before training only; the step is unchanged."""
+    reference_model = tiny_llama(seed=1)
+    calls = []
+    reference_model.register_forward_hook(lambda *_: calls.append(1))
+    args = with_gam(DPOConfig(output_dir="o", precompute_ref_log_probs=True, **STEP), gam_mode="gam_fast", **HP)
+    trainer = recording(GAMDPOTrainer)(model=tiny_llama(), ref_model=reference_model, args=args,
+                                       train_dataset=preference_data(), processing_class=TOKENIZER)
+    before, theta0 = len(calls), flat_params(trainer.model)
+    trainer.train()
+    assert before > 0 and len(calls) == before
+    assert_rel(flat_params(trainer.model), reference_step("dpo", trainer, theta0, args), tol=2e-6)
 
 
 # ------------------------------------------------------------------------------------------ refusals
