@@ -338,3 +338,23 @@ def test_example_trl_sft_gam_runs(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["gam_mode"] == "gam_fast" and math.isfinite(summary["last_loss"]) and summary["num_tokens"] > 0
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_trl_step_cost_benchmark_tiny(tmp_path):
+    """``benchmarks/trl_step_cost.py --tiny`` runs every case and writes its table (no timing is asserted)."""
+    import importlib.util
+
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_trl_step_cost", root / "benchmarks" / "trl_step_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        results = bench.main(["--tiny", "--out", str(tmp_path / "trl.md")])
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "trl.md").read_text()
+    for kind, labels in bench.CASES.items():
+        assert results[kind][labels[0]]["ratio"] == 1.0
+        assert all(f"| {label} |" in text for label in labels)

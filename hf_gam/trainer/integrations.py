@@ -24,11 +24,14 @@ import inspect
 import typing
 
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from .config import GAMConfig, gam_config_class, with_gam
 from ..core.directions import MODES
 
 __all__ = ["GENERATING_TRAINERS", "TRLIntegration", "TrainerIntegration", "integration_for"]
+
+logger = logging.get_logger("hf_gam.trainer")
 
 # TRL trainers (and anything derived from them) that generate completions inside the training step.
 GENERATING_TRAINERS = ("GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "PPOTrainer", "NashMDTrainer", "XPOTrainer",
@@ -37,6 +40,7 @@ GENERATING_TRAINERS = ("GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "PPOTra
 # TRL trainers whose loss goes through TRL's fused LM head (a custom autograd Function with no double backward).
 FUSED_HEAD_TRAINERS = ("SFTTrainer", "DPOTrainer", "KTOTrainer")
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+TESTED_TRAINERS = ("SFTTrainer", "DPOTrainer", "RewardTrainer")  # checked against float64 references (test_trl.py)
 
 
 class TrainerIntegration:
@@ -110,6 +114,10 @@ class TRLIntegration(TrainerIntegration):
         defaults (its output dir named as TRL names it), plain ``TrainingArguments`` its config class (as TRL
         converts them), a TRL config keeps every value; all as ``gam_config_class(config class)``."""
         self.refuse_generating()
+        if not set(self.names) & set(TESTED_TRAINERS):
+            logger.warning("GAMTrainer mixed with TRL's %s: not one of the trainers hf_gam checks (%s); its loss runs "
+                           "once per pass and its metrics are kept from the clean pass only", self.names[0],
+                           ", ".join(TESTED_TRAINERS))
         if self.config_class is None:
             return super().gam_args(args, model)
         combined = gam_config_class(self.config_class)
