@@ -120,6 +120,8 @@ def test_gam_configs_keep_trl_defaults(config_cls):
     def values(config):
         return {f.name: getattr(config, f.name) for f in dataclasses.fields(config_cls) if f.init}
 
+    shipped = {SFTConfig: GAMSFTConfig, DPOConfig: GAMDPOConfig, RewardConfig: GAMRewardConfig}[config_cls]
+    assert gam_config_class(config_cls) is shipped
     theirs = config_cls(output_dir="o", use_cpu=True)
     for combined in (gam_config_class(config_cls)(output_dir="o", use_cpu=True), HandWritten(output_dir="o", use_cpu=True),
                      with_gam(theirs)):

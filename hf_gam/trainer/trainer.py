@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.utils import logging
 
-from .config import GAMConfig
 from .guards import refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from ..core.directions import MODES
 from .integrations import integration_for
