@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from ..errors import UserError
 from .common import end_process_group, exit_process
 from .flatness import flatness_main
 from .train import train_main
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
         status = commands[command](rest)
+    except UserError as err:  # every user error of every floor, one line, exit status 2
+        print(f"hf-gam: error: {err}", file=sys.stderr)
+        status = 2
     except SystemExit as exit_:  # argparse: --help (0) or a bad flag (2, message already printed)
         status = exit_.code if isinstance(exit_.code, int) else 2
     except BaseException:
