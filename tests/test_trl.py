@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from hf_gam import GAMConfig, GAMTrainer  # noqa: E402
+from hf_gam.errors import UserError  # noqa: E402
 from hf_gam.trl import (GAMDPOConfig, GAMDPOTrainer, GAMRewardConfig, GAMRewardTrainer, GAMSFTConfig,  # noqa: E402
                         GAMSFTTrainer, gam_config_class, with_gam)
 from reference import direction, flat_params  # noqa: E402
@@ -84,8 +85,8 @@ def trl_metrics(trainer):
 
 
 def reference_step(kind, trainer, theta0, args):
-    """``θ0 - Σ w_i d_i`` in float64: ``d_i`` the mode's direction on micro-batch ``i``'s loss, ``w_i`` its share of the
-    trainer's objective (SFT: its scored tokens over the window's; DPO and reward: 1 / accumulation steps). With
+    """``θ0 - Σ w_i d_i`` in float64: ``d_i`` the mode's direction on micro-batch ``i``'s loss, ``w_i`` its share
+    of the trainer's objective (SFT: its scored tokens over the window's; DPO and reward: 1 / accumulation steps). With
     ``gam_perturbation="global"``: ``θ0 - d`` with ``d`` the direction on the window's mean loss (over tokens for
     SFT, over pairs for DPO and reward), whatever the split."""
     model, batches = KINDS[kind][3](), trainer.seen
@@ -123,8 +124,8 @@ def test_gam_configs_keep_trl_defaults(config_cls):
     shipped = {SFTConfig: GAMSFTConfig, DPOConfig: GAMDPOConfig, RewardConfig: GAMRewardConfig}[config_cls]
     assert gam_config_class(config_cls) is shipped
     theirs = config_cls(output_dir="o", use_cpu=True)
-    for combined in (gam_config_class(config_cls)(output_dir="o", use_cpu=True), HandWritten(output_dir="o", use_cpu=True),
-                     with_gam(theirs)):
+    for combined in (gam_config_class(config_cls)(output_dir="o", use_cpu=True),
+                     HandWritten(output_dir="o", use_cpu=True), with_gam(theirs)):
         assert isinstance(combined, config_cls) and isinstance(combined, GAMConfig)
         assert values(combined) == values(theirs)
         assert (combined.gam_mode, combined.gam_rho) == ("gam_fast", 0.2)
@@ -201,7 +202,8 @@ def test_sft_masks_and_padding_free(variant):
     float64 reference over exactly the tokens TRL scores."""
     data = {"completion_only": prompt_completion_data(), "assistant_only": conversation_data(),
             "padding_free": text_data()}[variant]
-    extra = {"assistant_only": dict(assistant_only_loss=True), "padding_free": dict(padding_free=True, max_length=None)}.get(variant, {})
+    extra = {"assistant_only": dict(assistant_only_loss=True),
+             "padding_free": dict(padding_free=True, max_length=None)}.get(variant, {})
     args = with_gam(SFTConfig(output_dir="o", **STEP, **extra), gam_mode="gam_fast", **HP)
     trainer, theta0, theta1 = train("sft", GAMSFTTrainer, args, data=data)
     batch = trainer.seen[0]
@@ -251,14 +253,14 @@ def test_generating_trainers_refused():
 
     for generating in (GRPOTrainer, RLOOTrainer):
         mixed = type(f"GAM{generating.__name__}", (GAMTrainer, generating), {})
-        with pytest.raises(ValueError, match=f"{generating.__name__}: it generates completions inside the training"):
+        with pytest.raises(UserError, match=f"{generating.__name__}: it generates completions inside"):
             mixed(model=tiny_llama(), args=None, train_dataset=text_data())
 
 
 @pytest.mark.parametrize("kind,mode", [("sft", "gam"), ("dpo", "gnp"), ("sft", "gam_sam")])
 def test_exact_hvp_modes_refused_through_fused_head(kind, mode):
     _, ours, config_cls, _, _ = KINDS[kind]
-    with pytest.raises(ValueError, match=f"gam_mode='{mode}'.*fused LM head.*double backward"):
+    with pytest.raises(UserError, match=f"gam_mode='{mode}'.*fused LM head.*double backward"):
         ours(model=tiny_llama(), args=with_gam(config_cls(output_dir="o", **STEP), gam_mode=mode),
              train_dataset=preference_data() if kind == "dpo" else text_data(), processing_class=TOKENIZER)
 
@@ -315,7 +317,8 @@ from hf_gam import GAMConfig, GAMTrainer
 assert "trl" not in sys.modules, "import hf_gam loaded trl"
 sys.modules["trl"] = None  # as if trl were not installed
 from testing_utils import tiny_data, tiny_model
-GAMTrainer(model=tiny_model(), args=GAMConfig(output_dir="o", use_cpu=True, report_to="none"), train_dataset=tiny_data())
+args = GAMConfig(output_dir="o", use_cpu=True, report_to="none")
+GAMTrainer(model=tiny_model(), args=args, train_dataset=tiny_data())
 try:
     import hf_gam.trl
 except ImportError as error:

@@ -10,7 +10,8 @@ from datasets import Dataset
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ 'A:' + message['content'] + eos_token }}{% endgeneration %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ 'A:' + message['content'] + eos_token }}"
+    "{% endgeneration %}"
     "{% else %}{{ 'U:' + message['content'] + '|' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"

@@ -4,7 +4,8 @@ that class's fields and defaults.
 A hand-written ``@dataclass class C(GAMConfig, SFTConfig)`` would, by dataclass field resolution, take every
 ``TrainingArguments`` field from ``GAMConfig`` (it inherits them with ``TrainingArguments``' defaults) and so silently
 swap TRL's defaults (``bf16``, ``gradient_checkpointing``, ``learning_rate``, ``logging_steps``) for the stock ones.
-``GAMConfig.__init_subclass__`` calls :func:`redeclare_shadowed_fields`, which re-declares those fields on the subclass with the
+``GAMConfig.__init_subclass__`` calls :func:`redeclare_shadowed_fields`, which re-declares those fields on the
+subclass with the
 other class's definition, so the subclass resolves every field as if ``GAMConfig`` held only its ``gam_*`` fields.
 """
 

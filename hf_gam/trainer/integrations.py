@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .config import GAMConfig, gam_config_class, with_gam
 from ..core.directions import MODES
+from ..errors import UserError
 
 __all__ = ["GENERATING_TRAINERS", "TRLIntegration", "TrainerIntegration", "integration_for"]
 
@@ -141,7 +142,7 @@ class TRLIntegration(TrainerIntegration):
     def refuse_generating(self) -> None:
         generating = [n for n in self.names if n in GENERATING_TRAINERS]
         if generating:
-            raise ValueError(
+            raise UserError(
                 f"GAMTrainer cannot be mixed with TRL's {generating[0]}: it generates completions inside the training "
                 "step (from the current weights), so every pass at perturbed weights would need its own "
                 "generations and rewards, and the passes would no longer evaluate one loss at several points. "
@@ -151,7 +152,7 @@ class TRLIntegration(TrainerIntegration):
         fused = [n for n in self.names if n in FUSED_HEAD_TRAINERS]
         if MODES[args.gam_mode].hvp and fused:
             working = ", ".join(m for m, spec in MODES.items() if not spec.hvp)
-            raise ValueError(
+            raise UserError(
                 f"gam_mode={args.gam_mode!r} does not work with TRL's {fused[0]}: its loss goes through TRL's fused "
                 "LM head (trl.kernels.ChunkedLogProbFunction, a custom autograd Function whose backward has no "
                 f"double backward), and exact Hessian-vector products need one. Use a first-order mode ({working}).")
