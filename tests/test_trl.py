@@ -363,3 +363,19 @@ def test_trl_step_cost_benchmark_tiny(tmp_path):
     for kind, labels in bench.CASES.items():
         assert results[kind][labels[0]]["ratio"] == 1.0
         assert all(f"| {label} |" in text for label in labels)
+
+
+def test_checkpoints_resume_and_trl_model_card(tmp_path):
+    """Checkpoints hold the combined config (pickled), resuming from one reproduces the uninterrupted run bit for bit,
+    and the card TRL writes at every checkpoint is TRL's (a language model's), tagged with the mode."""
+    step = dict(STEP, max_steps=3, save_strategy="steps", save_steps=1, gradient_accumulation_steps=1)
+    args = with_gam(SFTConfig(output_dir=str(tmp_path), **step), gam_mode="gam_fast", **HP)
+    _, _, theta_full = train("sft", GAMSFTTrainer, args)
+    saved = torch.load(tmp_path / "checkpoint-1" / "training_args.bin", weights_only=False)
+    assert type(saved) is GAMSFTConfig and (saved.gam_mode, saved.gam_rho) == ("gam_fast", HP["gam_rho"])
+    card = (tmp_path / "README.md").read_text()
+    assert "- trl" in card and "- hf-gam" in card and "gam_mode-gam_fast" in card and "image-classification" not in card
+    model = tiny_llama()
+    resumed = GAMSFTTrainer(model=model, args=args, train_dataset=text_data(), processing_class=TOKENIZER)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert torch.equal(flat_params(model), theta_full)

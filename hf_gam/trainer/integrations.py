@@ -74,6 +74,11 @@ class TrainerIntegration:
         """What the loss of this micro-batch is a mean over (``None``: ``GAMTrainer``'s label-element rule)."""
         return None
 
+    def card_arguments(self, trainer, **kwargs) -> dict | None:
+        """The arguments of the mixed-in Trainer's own ``create_model_card`` when its card is the one to write
+        (``None``: the GAM card, :mod:`hf_gam.trainer.card`)."""
+        return None
+
 
 def _trl_names(trainer_class: type) -> list[str]:
     return [c.__name__ for c in trainer_class.__mro__ if c.__module__.split(".")[0] == "trl"]
@@ -165,6 +170,12 @@ class TRLIntegration(TrainerIntegration):
         if self.is_dpo and all(k in inputs for k in REFERENCE_KEYS) and not trainer.precompute_ref_logps:
             stack.enter_context(_attribute(trainer, "precompute_ref_logps", True))  # read them from the batch
         return stack
+
+    def card_arguments(self, trainer, model_name=None, tags=None, **kwargs):
+        """TRL's own card (its template, tags and citations; a language model's, not the GAM card's image classifier),
+        tagged ``hf-gam`` and with the mode."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        return {"model_name": model_name, "tags": [*tags, "hf-gam", f"gam_mode-{trainer.args.gam_mode}"], **kwargs}
 
     def num_items(self, trainer, inputs):
         """SFT: the shifted label tokens its loss is a mean over; DPO and reward modelling: the pairs."""

@@ -274,7 +274,7 @@ class GAMTrainer(Trainer):
                           dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
                           dataset_args: str | list[str] | None = None, *, results: dict | None = None,
                           label_noise: dict | None = None, extra: dict | None = None,
-                          eval_split: str | None = None, flatness: dict | None = None) -> None:
+                          eval_split: str | None = None, flatness: dict | None = None, **card_kwargs) -> None:
         """Write the GAM model card (:func:`hf_gam.trainer.card.render_model_card`: every ``gam_*`` value, optimizer and
         schedule, results as text and ``model-index``, the training-results table, versions, citation) to
         ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain ``trainer.push_to_hub()`` gets the same
@@ -283,7 +283,11 @@ class GAMTrainer(Trainer):
         path is not linked); a PEFT model keeps PEFT's metadata (``library_name: peft``, adapter tags). ``results``
         default to the last evaluation's metrics; ``flatness`` (a :func:`hf_gam.run_flatness` result written to
         ``output_dir/flatness``) adds its section. ``tasks`` is accepted for compatibility (the card's task is
-        image classification)."""
+        image classification). Mixed with a Trainer subclass that writes its own card (TRL's), that card is written,
+        tagged with the mode (``card_kwargs`` are its arguments, e.g. TRL's ``dataset_name``)."""
+        own_card = self.gam_integration.card_arguments(self, model_name=model_name, tags=tags, **card_kwargs)
+        if own_card is not None:
+            return super().create_model_card(**own_card)
         if not self.is_world_process_zero():
             return
         from .card import adapter_facts, render_model_card, training_results_table
