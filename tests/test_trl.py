@@ -379,3 +379,27 @@ def test_checkpoints_resume_and_trl_model_card(tmp_path):
     resumed = GAMSFTTrainer(model=model, args=args, train_dataset=text_data(), processing_class=TOKENIZER)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert torch.equal(flat_params(model), theta_full)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_sft_and_dpo(tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU): one ``gam_fast`` step of SFT and of DPO; the ranks end
+    bit-identical, the step equals the float64 reference over both ranks' micro-batches (SFT: weighted by tokens over
+    both, DPO: their mean), and TRL's ``num_tokens`` counts both ranks' tokens once (its collectives ran in every
+    pass on both ranks, in step)."""
+    from test_distributed import torchrun
+
+    torchrun("trl_ddp_step.py", str(tmp_path), timeout=900)
+    ranks = [torch.load(tmp_path / f"trl_rank{r}.pt", weights_only=False) for r in range(2)]
+    args = with_gam(SFTConfig(output_dir="o", **STEP), gam_mode="gam_fast", **HP)
+    for kind in ("sft", "dpo"):
+        r0, r1 = ranks[0][kind], ranks[1][kind]
+        assert r0["world"] == 2 and torch.equal(r0["theta1"], r1["theta1"]), "ranks diverged"
+        batches = r0["seen"] + r1["seen"]
+        trainer = type("Seen", (), {"seen": batches})()
+        dpo_args = with_gam(DPOConfig(output_dir="o", **STEP), gam_mode="gam_fast", **HP)
+        expected = reference_step(kind, trainer, r0["theta0"], args if kind == "sft" else dpo_args)
+        assert_rel(r0["theta1"], expected, tol=2e-6)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        assert r0["logs"][0]["num_tokens"] == r1["logs"][0]["num_tokens"] == tokens

@@ -11,7 +11,7 @@ Overrides, and nothing else:
 - ``__init__``: plain ``TrainingArguments`` become a ``GAMConfig`` with the ``gam_*`` defaults (another subclass, a
   TRL config, becomes ``gam_config_class(that class)``, its values and defaults kept). What the ``Trainer`` subclass
   mixed in needs (TRL's: per-call metrics from the clean pass only, DPO's reference log-probabilities once per
-  micro-batch, refusals) comes from its integration (:mod:`hf_gam.trainer.integrations`), asked at five hooks.
+  micro-batch, refusals, its own card) comes from its integration (:mod:`hf_gam.trainer.integrations`).
 - ``floating_point_ops``: counts the passes the mode runs.
 - ``log``: adds the per-step figures (``gam/grad_norm``, ``gam/ascent_grad_norm``, ``gam/r1``).
 - ``create_model_card``: the GAM card (:mod:`hf_gam.trainer.card`), when that module is available.
