@@ -38,7 +38,8 @@ logger = logging.get_logger("hf_gam.trainer")
 GENERATING_TRAINERS = ("GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "PPOTrainer", "NashMDTrainer", "XPOTrainer",
                        "AsyncGRPOTrainer", "A2POTrainer", "DistillationTrainer", "AsyncDistillationTrainer",
                        "GKDTrainer", "GOLDTrainer", "IWOPDTrainer", "SDFTTrainer", "SDPOTrainer")
-# TRL trainers whose loss goes through TRL's fused LM head (a custom autograd Function with no double backward).
+# TRL trainers whose loss goes through TRL's fused LM head (a custom autograd Function with no double backward:
+# its backward computes with out= matmuls; measured: the double backward raises).
 FUSED_HEAD_TRAINERS = ("SFTTrainer", "DPOTrainer", "KTOTrainer")
 REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 TESTED_TRAINERS = ("SFTTrainer", "DPOTrainer", "RewardTrainer")  # checked against float64 references (test_trl.py)
@@ -159,8 +160,9 @@ class TRLIntegration(TrainerIntegration):
             working = ", ".join(m for m, spec in MODES.items() if not spec.hvp)
             raise UserError(
                 f"gam_mode={args.gam_mode!r} does not work with TRL's {fused[0]}: its loss goes through TRL's fused "
-                "LM head (trl.kernels.ChunkedLogProbFunction, a custom autograd Function whose backward has no "
-                f"double backward), and exact Hessian-vector products need one. Use a first-order mode ({working}).")
+                "LM head (trl.kernels.ChunkedLogProbFunction, a custom autograd Function whose backward computes with "
+                "out= matmuls, which autograd cannot differentiate: no double backward), and exact Hessian-vector "
+                f"products need one. Use a first-order mode ({working}).")
 
     # ------------------------------------------------------------------------------- per-call metrics
     def pass_context(self, trainer, inputs, clean):
