@@ -48,6 +48,12 @@ TOKENIZER = char_tokenizer()
 _PLAIN: dict = {}
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """The configs' relative output dirs ("o") land in the test's temporary directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def recording(cls):
     """``cls`` keeping the micro-batches the Trainer fed to ``training_step``."""
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -307,7 +313,7 @@ def test_hand_written_mix_is_the_shipped_class():
 
 
 # ------------------------------------------------------------------------------ optional extra, example
-def test_hf_gam_does_not_need_trl():
+def test_hf_gam_does_not_need_trl(tmp_path):
     """``import hf_gam`` and a stock ``GAMTrainer`` neither need nor load trl; ``hf_gam.trl`` without trl says what
     to install."""
     code = """
@@ -328,7 +334,7 @@ else:
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               [str(Path(__file__).parents[1]), str(Path(__file__).parent)])})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
