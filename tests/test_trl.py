@@ -409,3 +409,16 @@ def test_two_processes_sft_and_dpo(tmp_path):
         assert_rel(r0["theta1"], expected, tol=2e-6)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         assert r0["logs"][0]["num_tokens"] == r1["logs"][0]["num_tokens"] == tokens
+
+
+def test_reward_exact_hvp_mode_equals_float64_reference():
+    """The reward model (no fused head) runs the exact-HVP modes: one ``gnp`` step with accumulation 2 over uneven
+    micro-batches equals the float64 reference with explicit Hessians (TRL's default gradient checkpointing on)."""
+    args = with_gam(RewardConfig(output_dir="o", **STEP), gam_mode="gnp", **HP)
+    trainer, theta0, theta1 = train("reward", GAMRewardTrainer, args)
+    assert trainer.args.gradient_checkpointing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):  # explicit Hessians need attention's double backward
+        expected = reference_step("reward", trainer, theta0, args)
+    assert_rel(theta1, expected, tol=1e-6)
