@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from transformers import TrainingArguments
 
 from ..core.directions import MODES, PERTURBATIONS, RHO_SCHEDULES, VARIANTS, GAMHyper
+from .config_classes import combined_class, rebuild_combined, redeclare_shadowed_fields
+
+__all__ = ["GAMConfig", "gam_config_class", "with_gam"]
 
 # The choices come from the one mode registry (hf_gam.core.directions.MODES), and so do the mode-dependent defaults.
 GamMode = Literal[tuple(MODES)]
@@ -130,6 +134,19 @@ class GAMConfig(TrainingArguments):
         default=0.5, metadata={"help": "Lower end of the lr_proportional ρ schedule, as a fraction of each ρ."}
     )
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that also derives from another ``TrainingArguments`` subclass (``@dataclass class
+        C(GAMConfig, SFTConfig)``) keeps that class's fields and defaults (:mod:`hf_gam.trainer.config_classes`)."""
+        super().__init_subclass__(**kwargs)
+        redeclare_shadowed_fields(cls, GAMConfig)
+
+    def __reduce_ex__(self, protocol):
+        """Instances of ``gam_config_class(C)`` pickle through ``C`` (the generated class has no importable name)."""
+        base = type(self).__dict__.get("_gam_combined_with")
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return rebuild_combined, (GAMConfig, base, dict(self.__dict__))
+
     def gam_hyper(self, lr: float | None = None, peak_lr: float | None = None) -> GAMHyper:
         """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate
         ``lr`` (:meth:`GAMHyper.at_learning_rate`): ``ρ_t = ρ (r + (1 - r) clip(lr / peak_lr, 0, 1))``,
@@ -160,3 +177,32 @@ class GAMConfig(TrainingArguments):
                 f"activation_checkpointing_kwargs (gradient_checkpointing_kwargs)={ckpt_kwargs!r} with "
                 f"gam_mode={self.gam_mode!r}: reentrant checkpointing does not work with torch.autograd.grad, which "
                 "every gam_mode but 'none' uses; drop use_reentrant (the default is non-reentrant)")
+
+
+def gam_config_class(config_class: type) -> type:
+    """``GAMConfig`` combined with ``config_class`` (a ``TrainingArguments`` subclass such as TRL's ``SFTConfig``):
+    a dataclass with every field of ``config_class`` at ``config_class``'s default plus the ``gam_*`` fields; its
+    instances are both. ``gam_config_class(SFTConfig)(output_dir="out", gam_mode="sam")`` is an ``SFTConfig`` with
+    TRL's defaults and ``gam_mode="sam"``. The same class is returned for the same ``config_class``; instances pickle
+    (the Trainer saves ``training_args.bin``)."""
+    if not (isinstance(config_class, type) and issubclass(config_class, TrainingArguments)):
+        raise TypeError(f"gam_config_class needs a TrainingArguments subclass; got {config_class!r}")
+    if issubclass(config_class, GAMConfig):
+        return config_class
+    return combined_class(GAMConfig, config_class)
+
+
+def with_gam(config: TrainingArguments, **gam_fields) -> TrainingArguments:
+    """``config`` (any ``TrainingArguments``, e.g. an ``SFTConfig``) as an instance of
+    ``gam_config_class(type(config))`` with every value it has and ``gam_fields`` (``gam_mode=...``, ...) set:
+    ``with_gam(SFTConfig(output_dir="out", max_length=512), gam_mode="sam", sam_rho=0.05)``. Values are read from the
+    init fields with ``getattr`` after ``__post_init__`` resolved them (``to_dict`` would mask ``hub_token``)."""
+    if not isinstance(config, TrainingArguments):
+        raise TypeError(f"with_gam needs a TrainingArguments instance; got {type(config).__name__}")
+    cls = gam_config_class(getattr(type(config), "_gam_combined_with", type(config)))
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(gam_fields) - names)
+    if unknown:
+        raise TypeError(f"with_gam: {', '.join(unknown)} is not a field of {cls.__name__}")
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and f.name in names}
+    return cls(**{**values, **gam_fields})

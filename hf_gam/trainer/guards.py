@@ -13,7 +13,7 @@ from transformers.utils import logging
 
 from ..core.directions import MODES
 from ..core.oracles import SHARDED_HVP_REASON, SHARDED_LOCAL_REASON
-from .config import GAMConfig
+from .config import GAMConfig, with_gam
 
 __all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "enabled_fsdp_version",
            "uncompiled"]
@@ -29,21 +29,21 @@ def uncompiled(model: nn.Module) -> nn.Module:
 
 
 def as_gam_config(args: TrainingArguments) -> GAMConfig:
-    """Plain ``TrainingArguments`` (or any other subclass) as a ``GAMConfig`` with every ``gam_*`` field at its
-    default, as TRL's trainers convert plain arguments to their configs. Values are read from the init fields with
-    ``getattr`` (``to_dict`` would mask ``hub_token`` and turn dtypes into strings) after ``__post_init__`` resolved
-    them; ``__post_init__`` runs again on them, which changes nothing (it only resolves aliases, enums and defaults).
-    Fields of another subclass that ``GAMConfig`` lacks are kept as plain attributes."""
+    """``TrainingArguments`` as a ``GAMConfig`` with every ``gam_*`` field at its default, as TRL's trainers convert
+    plain arguments to their configs: plain ``TrainingArguments`` become a ``GAMConfig``; any other subclass becomes
+    ``gam_config_class(that subclass)`` (:func:`~hf_gam.trainer.config.with_gam`), keeping its fields and defaults.
+    Values are read from the init fields with ``getattr`` (``to_dict`` would mask ``hub_token`` and turn dtypes into
+    strings) after ``__post_init__`` resolved them; ``__post_init__`` runs again on them, which changes nothing (it
+    only resolves aliases, enums and defaults)."""
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"GAMTrainer needs args=GAMConfig(...) or TrainingArguments(...); got {type(args).__name__}")
-    ours = {f.name for f in dataclasses.fields(GAMConfig) if f.init}
-    theirs = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    config = GAMConfig(**{k: v for k, v in theirs.items() if k in ours})
-    extra = sorted(set(theirs) - ours)
-    for name in extra:
-        setattr(config, name, theirs[name])
-    logger.info("GAMTrainer: %s converted to GAMConfig with gam_mode=%r and the gam_* defaults%s",
-                type(args).__name__, config.gam_mode, f" (also kept: {', '.join(extra)})" if extra else "")
+    if type(args) is TrainingArguments:
+        ours = {f.name for f in dataclasses.fields(GAMConfig) if f.init}
+        config = GAMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name in ours})
+    else:
+        config = with_gam(args)
+    logger.info("GAMTrainer: %s converted to %s with gam_mode=%r and the gam_* defaults", type(args).__name__,
+                type(config).__name__, config.gam_mode)
     return config
 
 
