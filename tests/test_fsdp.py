@@ -6,13 +6,12 @@ transcription of the rules (tests/reference.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from reference import direction, loss_of
-from testing_utils import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model, torchrun
 
 from hf_gam.optim import GAM
 
@@ -23,20 +22,10 @@ import fsdp_step as W  # noqa: E402  (the worker's case table and model builders
 EXTRA = ["failure", "refusals", "batchnorm", "vit", "bf16", "functional", "trainer_cpu_fallback"]
 
 
-def torchrun(script, *args, nproc=2, timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(HERE, "workers", script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    torchrun("fsdp_step.py", str(out), ",".join([*W.CASES, *EXTRA]))
+    torchrun("fsdp_step.py", str(out), ",".join([*W.CASES, *EXTRA]), timeout=900)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -366,3 +366,24 @@ def write_hub_copy(root: Path, name: str, n_train: int = 8, n_eval: int = 4, *, 
         (out / "data" / f"{split}-00000-of-00001.parquet").write_bytes(content)
     write_readme(out, ["train", spec["eval"], *(extra_splits or {})])
     return out
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+TORCHRUN = ("torch.distributed.run", "--standalone", "--nproc_per_node")
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, launcher=TORCHRUN):
+    """Run ``tests/workers/<script>`` under ``torchrun --standalone --nproc_per_node nproc`` (or another
+    ``launcher`` whose last flag takes the process count, e.g. accelerate's), one thread per process, the checkout
+    under test first on the path (not whatever hf_gam is installed), then tests/ for the helpers; the run must
+    succeed (its output tails in the failure message)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR)])}
+    cmd = [sys.executable, "-m", *launcher, str(nproc), str(TESTS_DIR / "workers" / script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
