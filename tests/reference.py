@@ -57,10 +57,11 @@ def direction(mode, L, theta, *, rho, alpha, sam_rho=None, rho_prime=0.02, beta=
         return g
     if mode == "sam":
         return grad(L, ascend(theta, g, sam_rho, xi, adaptive))
-    H = hessian(L, theta)
     if mode == "gnp":
+        H = hessian(L, theta)
         return g + alpha * rho * (H @ g) / (g.norm() + xi)
     if mode in ("gam", "gam_sam"):
+        H = hessian(L, theta)
         f = H @ g / (g.norm() + xi)
         theta_a = ascend(theta, f, rho, xi, adaptive)
         ga = grad(L, theta_a)

@@ -4,27 +4,14 @@ reference of the micro-batches actually seen, and the ranks end bit-identical.""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from reference import direction, loss_of
-from testing_utils import HP, assert_rel, one_step, ref_kwargs, sgd_args, tiny_model
+from testing_utils import HP, assert_rel, one_step, ref_kwargs, sgd_args, tiny_model, torchrun
 
 HERE = os.path.dirname(__file__)
 CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")]
-
-
-def torchrun(script, *args, nproc=2, timeout=600, launcher=("torch.distributed.run", "--standalone",
-                                                                "--nproc_per_node")):
-    # the checkout under test first (not whatever hf_gam is installed), then tests/ for the helpers
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
-    cmd = [sys.executable, "-m", *launcher, str(nproc), os.path.join(HERE, "workers", script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

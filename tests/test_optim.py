@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from testing_utils import tiny_data, tiny_model
+from testing_utils import tiny_data, tiny_model, torchrun
 from reference import direction, flat_params, loss_of
 
 from hf_gam import GAMConfig, GAMTrainer
@@ -403,15 +401,6 @@ def test_bf16_autocast_around_the_closure():
     theta1 = flat_params(model)
     assert torch.isfinite(loss) and torch.isfinite(theta1).all() and not torch.equal(theta0, theta1)
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
-
-
-def torchrun(script, *args, nproc=2, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(HERE, "workers", script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 DDP_CASES = [(m, s) for m in ("sam", "gam_fast", "gam") for s in ("local", "global")] + [("gam_fast", "backward")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -10,6 +11,9 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from ..core.directions import MODES, PERTURBATIONS, RHO_SCHEDULES, VARIANTS, GAMHyper
+from .config_classes import combined_class, rebuild_combined, redeclare_shadowed_fields
+
+__all__ = ["GAMConfig", "gam_config_class", "with_gam"]
 
 __all__ = ["GAMConfig", "check_training_arguments", "output_dir_problem"]
 
@@ -22,6 +26,14 @@ CONFIG_NAMES = {"mode": "gam_mode", "rho": "gam_rho", "alpha": "gam_alpha", "sam
                 "perturbation": "gam_perturbation", "rho_schedule": "gam_rho_schedule",
                 "rho_min_ratio": "gam_rho_min_ratio"}
 HYPER_FIELDS = tuple(f.name for f in fields(GAMHyper))
+
+
+def _defaults_by_mode(name: str) -> str:
+    """``"gam_fast 0.2, sam 0.05, otherwise 0.04"``: a default of every mode, read from the registry (``--help``)."""
+    values = {mode: spec.defaults[name] for mode, spec in MODES.items()}
+    common = max(set(values.values()), key=list(values.values()).count)
+    return ", ".join([f"{mode} {value:g}" for mode, value in values.items() if value != common]
+                     + [f"otherwise {common:g}"])
 
 
 def _number_problem(value, rule: str, ok, integer: bool) -> str | None:
@@ -117,11 +129,11 @@ class GAMConfig(TrainingArguments):
             with SAM's gradient as oracle) or `"gam_fast"` (Algorithm 2, four first-order passes: the released
             code's algorithm and the default; exact `"gam"` is opt-in).
         gam_rho (`float` or `None`, *optional*, defaults to `None`):
-            ρ, radius of the ascent on the gradient norm. `None` takes the mode's default: 0.2 for `gam_fast` (the
-            released code), 0.05 for `sam`, 0.04 otherwise (paper, CIFAR-10).
+            ρ, radius of the ascent on the gradient norm. `None` takes the mode's default (`MODES[mode].defaults`,
+            tabled in docs/algorithms.md).
         gam_alpha (`float` or `None`, *optional*, defaults to `None`):
-            α, weight of the first-order flatness term (Algorithm 1) or of `g1` in `h+` (Algorithm 2). `None`: 0.6
-            for `gam_fast` (released code, CIFAR-100), 0.1 otherwise (paper App. C.5).
+            α, weight of the first-order flatness term (Algorithm 1) or of `g1` in `h+` (Algorithm 2). `None` takes
+            the mode's default.
         sam_rho (`float` or `None`, *optional*, defaults to `None`):
             ρ of the SAM oracle (`sam`, `gam_sam`); `None` means equal to `gam_rho`.
         gam_rho_prime (`float`, *optional*, defaults to `0.02`):
@@ -161,13 +173,13 @@ class GAMConfig(TrainingArguments):
     )
     gam_rho: float | None = field(
         default=None,
-        metadata={"help": "ρ (rho): radius of the ascent on the gradient norm. Default by mode: gam_fast 0.2, "
-                  "sam 0.05, otherwise 0.04."},
+        metadata={"help": "ρ (rho): radius of the ascent on the gradient norm. Default by mode: "
+                  f"{_defaults_by_mode('rho')}."},
     )
     gam_alpha: float | None = field(
         default=None,
         metadata={"help": "α (alpha): weight of the first-order flatness term (Alg. 1) or of g1 in h+ (Alg. 2). "
-                  "Default by mode: gam_fast 0.6, otherwise 0.1."},
+                  f"Default by mode: {_defaults_by_mode('alpha')}."},
     )
     sam_rho: float | None = field(
         default=None, metadata={"help": "ρs: radius of the SAM oracle (modes sam, gam_sam); default: gam_rho."}
@@ -206,6 +218,19 @@ class GAMConfig(TrainingArguments):
         default=0.5, metadata={"help": "Lower end of the lr_proportional ρ schedule, as a fraction of each ρ."}
     )
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that also derives from another ``TrainingArguments`` subclass (``@dataclass class
+        C(GAMConfig, SFTConfig)``) keeps that class's fields and defaults (:mod:`hf_gam.trainer.config_classes`)."""
+        super().__init_subclass__(**kwargs)
+        redeclare_shadowed_fields(cls, GAMConfig)
+
+    def __reduce_ex__(self, protocol):
+        """Instances of ``gam_config_class(C)`` pickle through ``C`` (the generated class has no importable name)."""
+        base = type(self).__dict__.get("_gam_combined_with")
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return rebuild_combined, (GAMConfig, base, dict(self.__dict__))
+
     def gam_hyper(self, lr: float | None = None, peak_lr: float | None = None) -> GAMHyper:
         """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate
         ``lr`` (:meth:`GAMHyper.at_learning_rate`): ``ρ_t = ρ (r + (1 - r) clip(lr / peak_lr, 0, 1))``,
@@ -240,3 +265,32 @@ class GAMConfig(TrainingArguments):
                 f"activation_checkpointing_kwargs (gradient_checkpointing_kwargs)={ckpt_kwargs!r} with "
                 f"gam_mode={self.gam_mode!r}: reentrant checkpointing does not work with torch.autograd.grad, which "
                 "every gam_mode but 'none' uses; drop use_reentrant (the default is non-reentrant)")
+
+
+def gam_config_class(config_class: type) -> type:
+    """``GAMConfig`` combined with ``config_class`` (a ``TrainingArguments`` subclass such as TRL's ``SFTConfig``):
+    a dataclass with every field of ``config_class`` at ``config_class``'s default plus the ``gam_*`` fields; its
+    instances are both. ``gam_config_class(SFTConfig)(output_dir="out", gam_mode="sam")`` is an ``SFTConfig`` with
+    TRL's defaults and ``gam_mode="sam"``. The same class is returned for the same ``config_class``; instances pickle
+    (the Trainer saves ``training_args.bin``)."""
+    if not (isinstance(config_class, type) and issubclass(config_class, TrainingArguments)):
+        raise TypeError(f"gam_config_class needs a TrainingArguments subclass; got {config_class!r}")
+    if issubclass(config_class, GAMConfig):
+        return config_class
+    return combined_class(GAMConfig, config_class)
+
+
+def with_gam(config: TrainingArguments, **gam_fields) -> TrainingArguments:
+    """``config`` (any ``TrainingArguments``, e.g. an ``SFTConfig``) as an instance of
+    ``gam_config_class(type(config))`` with every value it has and ``gam_fields`` (``gam_mode=...``, ...) set:
+    ``with_gam(SFTConfig(output_dir="out", max_length=512), gam_mode="sam", sam_rho=0.05)``. Values are read from the
+    init fields with ``getattr`` after ``__post_init__`` resolved them (``to_dict`` would mask ``hub_token``)."""
+    if not isinstance(config, TrainingArguments):
+        raise TypeError(f"with_gam needs a TrainingArguments instance; got {type(config).__name__}")
+    cls = gam_config_class(getattr(type(config), "_gam_combined_with", type(config)))
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(gam_fields) - names)
+    if unknown:
+        raise TypeError(f"with_gam: {', '.join(unknown)} is not a field of {cls.__name__}")
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init and f.name in names}
+    return cls(**{**values, **gam_fields})

@@ -22,19 +22,17 @@ __all__ = ["DurableTrainerMixin"]
 
 
 class DurableTrainerMixin:
-    """Mixed into a ``transformers.Trainer`` subclass, before ``Trainer`` in the bases."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        from .preemption import install_agreed_stop
-
-        self._agreed_stop = install_agreed_stop(self)  # None without enable_jit_checkpoint
+    """Mixed into a ``transformers.Trainer`` subclass, before ``Trainer`` in the bases (no ``__init__``: the
+    subclass binds the mixed-in Trainer's own signature)."""
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """As ``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete checkpoint of
         ``output_dir`` (newer torn ones skipped with one warning each); a named folder must be complete."""
+        from .preemption import install_agreed_stop
         from .resume import resolve_resume_checkpoint
 
+        if not hasattr(self, "_agreed_stop"):  # once per trainer; None without enable_jit_checkpoint
+            self._agreed_stop = install_agreed_stop(self)
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None and self._finished_at(checkpoint):
             return self._restore_finished(checkpoint)
@@ -62,7 +60,8 @@ class DurableTrainerMixin:
     @property
     def preempted(self) -> bool:
         """Whether the last ``train()`` stopped early on SIGTERM (``enable_jit_checkpoint``) after saving."""
-        stop = None if self._agreed_stop is None else self._agreed_stop.stopped_at
+        agreed = getattr(self, "_agreed_stop", None)
+        stop = None if agreed is None else agreed.stopped_at
         return stop is not None and stop < self.state.max_steps
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:

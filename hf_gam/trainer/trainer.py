@@ -8,7 +8,10 @@ Overrides, and nothing else:
 - ``compute_loss``: classification and regression heads (single-label cross-entropy, multi-label BCE, regression MSE,
   ignore index -100) get one loss, ``Σ loss / num_items_in_batch`` over the label elements the Trainer counts, for
   every model (EfficientNet's cross-entropy and every model's BCE / MSE ignore ``num_items_in_batch``).
-- ``__init__``: plain ``TrainingArguments`` become a ``GAMConfig`` with the ``gam_*`` defaults.
+- ``__init__``: plain ``TrainingArguments`` become a ``GAMConfig`` with the ``gam_*`` defaults (another subclass, a
+  TRL config, becomes ``gam_config_class(that class)``, its values and defaults kept). What the ``Trainer`` subclass
+  mixed in needs (TRL's: per-call metrics from the clean pass only, DPO's reference log-probabilities once per
+  micro-batch, refusals, its own card) comes from its integration (:mod:`hf_gam.trainer.integrations`).
 - ``floating_point_ops``: counts the passes the mode runs.
 - ``log``: adds the per-step figures (``gam/grad_norm``, ``gam/ascent_grad_norm``, ``gam/r1``).
 - ``create_model_card``: the GAM card (:mod:`hf_gam.trainer.card`), when that module is available.
@@ -25,20 +28,22 @@ What is converted or refused at construction lives in :mod:`hf_gam.trainer.guard
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 from transformers.utils import logging
 
 from ..atomic import atomic_save, atomic_write_json
-from .config import GAMConfig
 from .durable import DurableTrainerMixin
-from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
+from .guards import enabled_fsdp_version, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from ..core.directions import MODES
+from .integrations import integration_for
 from .resume import GAM_STATE_NAME
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
 from ..core.collectives import all_reduce_, world_size
@@ -59,22 +64,26 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
     Trainer's. See :class:`hf_gam.GAMConfig` for the ``gam_*`` fields and ``docs/algorithms.md`` for the update rules.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *a, **kw):
-        if args is None:
-            args = GAMConfig(output_dir="trainer_output")
-        elif not isinstance(args, GAMConfig):
-            args = as_gam_config(args)
-        refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
-        super().__init__(model, args, *a, **kw)
-        refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+    def __init__(self, *a, **kw):
+        """The arguments of the Trainer class mixed in (``transformers.Trainer``'s: ``model``, ``args``, ...; TRL's
+        ``DPOTrainer``'s: ``model``, ``ref_model``, ``args``, ...), positional or by name."""
+        bound = inspect.signature(super().__init__).bind_partial(*a, **kw)
+        self.gam_integration = integration_for(type(self))  # what the Trainer subclass mixed in needs (TRL's)
+        args = bound.arguments["args"] = self.gam_integration.gam_args(bound.arguments.get("args"),
+                                                                       bound.arguments.get("model"))
+        self.gam_integration.refuse(args)
+        refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp_version=None)
+        super().__init__(*bound.args, **bound.kwargs)
+        refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=enabled_fsdp_version(self))
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
         self._gam_rho_used: float | None = None
         self._gam_window: list[dict[str, Any]] = []
+        self._gam_evaluated: list[dict[str, Any]] = []  # micro-batches whose loss this step has evaluated
         self._gam_head = classifier_config(self.accelerator.unwrap_model(self.model))
-        if self.compute_loss_func is not None:
+        if self.compute_loss_func is not None or not self.gam_integration.own_head_loss:
             self._gam_head = None  # the user's loss is the loss
         self._stock_accepts_loss_kwargs = self.model_accepts_loss_kwargs
         if self._gam_head is not None:
@@ -120,7 +129,10 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
     def _mean_loss(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """Mean loss of one micro-batch at the current weights (the ``L`` of docs/algorithms.md): the loss summed
         over its counted label elements divided by their count ``n_i`` (:meth:`_num_items`)."""
-        with self.compute_loss_context_manager():
+        clean = not any(b is inputs for b in self._gam_evaluated)  # its first evaluation in this step
+        if clean:
+            self._gam_evaluated.append(inputs)
+        with self.compute_loss_context_manager(), self.gam_integration.pass_context(self, inputs, clean):
             if self._own_loss_applies(inputs):
                 _, total, n_items = self._summed_loss(model, inputs)
                 return total / n_items.to(total.device).clamp_min(1)
@@ -130,6 +142,9 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
         """What the Trainer's ``num_items_in_batch`` counts for this micro-batch: label elements that are not
         ``-100`` (rows for single-label and 1-output regression heads, rows x classes for multi-label ones; a causal
         LM's shifted targets ``labels[..., 1:]``, or ``shift_labels``, by the Trainer's own rule)."""
+        n_items = self.gam_integration.num_items(self, inputs)
+        if n_items is not None:
+            return n_items
         labels = inputs.get("shift_labels", inputs.get("labels"))
         if isinstance(labels, Tensor):
             if "shift_labels" not in inputs and getattr(self, "_loss_shifts_labels", False):
@@ -162,14 +177,15 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = self.gam_integration.prepare_micro_batch(self, self._prepare_inputs(inputs))
+        self._gam_evaluated = []
         if self.gam_spec.hvp:
             model = uncompiled(model)  # aot_autograd has no double backward; parameters are shared
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
             return self._global_perturbation_step(model, params, inputs)
         oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=self._loss_scale(),
-                                  pass_context=lambda: self.accelerator.no_sync(model))
+                                  pass_context=self._pass_context(model))
         hyper = self._hyper()
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         stats = apply_direction_step(hyper, params, oracle, weight=weight,
@@ -185,11 +201,18 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
             return torch.zeros((), device=self.args.device)
         window, self._gam_window = self._gam_window, []
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
-                              loss_scale=self._loss_scale(), pass_context=lambda: self.accelerator.no_sync(model))
+                              loss_scale=self._loss_scale(), pass_context=self._pass_context(model))
         hyper = self._hyper()
         stats = apply_direction_step(hyper, params, oracle)
         self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
+
+    def _pass_context(self, model: nn.Module):
+        """What wraps every pass: DDP's ``no_sync`` (the oracle reduces what must be global); nothing under FSDP2,
+        whose ``no_sync`` would skip the reduce-scatter every pass needs (the gradients the oracle reads)."""
+        if getattr(self.accelerator, "is_fsdp2", False):
+            return contextlib.nullcontext
+        return lambda: self.accelerator.no_sync(model)
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
@@ -264,7 +287,7 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
                           dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
                           dataset_args: str | list[str] | None = None, *, results: dict | None = None,
                           label_noise: dict | None = None, extra: dict | None = None,
-                          eval_split: str | None = None, flatness: dict | None = None) -> None:
+                          eval_split: str | None = None, flatness: dict | None = None, **card_kwargs) -> None:
         """Write the GAM model card (:func:`hf_gam.trainer.card.render_model_card`: every ``gam_*`` value, optimizer and
         schedule, results as text and ``model-index``, the training-results table, versions, citation) to
         ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain ``trainer.push_to_hub()`` gets the same
@@ -273,7 +296,11 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
         path is not linked); a PEFT model keeps PEFT's metadata (``library_name: peft``, adapter tags). ``results``
         default to the last evaluation's metrics; ``flatness`` (a :func:`hf_gam.run_flatness` result written to
         ``output_dir/flatness``) adds its section. ``tasks`` is accepted for compatibility (the card's task is
-        image classification)."""
+        image classification). Mixed with a Trainer subclass that writes its own card (TRL's), that card is written,
+        tagged with the mode (``card_kwargs`` are its arguments, e.g. TRL's ``dataset_name``)."""
+        own_card = self.gam_integration.card_arguments(self, model_name=model_name, tags=tags, **card_kwargs)
+        if own_card is not None:
+            return super().create_model_card(**own_card)
         if not self.is_world_process_zero():
             return
         from .card import adapter_facts, render_model_card, training_results_table
