@@ -100,6 +100,7 @@ class Failure:
     status: int
     times: int | None  # None: always
     message: str
+    retry_after: int | None = None
 
 
 class LocalHub:
@@ -126,9 +127,12 @@ class LocalHub:
 
     # ---- for tests ----
     def fail(self, method: str, path_regex: str, status: int = 500, times: int | None = None,
-             message: str = "Internal Error - local Hub failure injected by the test") -> None:
-        """Answer requests whose method and path match with ``status``: the next ``times`` of them, or all."""
-        self.failures.append(Failure(method, re.compile(path_regex), status, times, message))
+             message: str = "Internal Error - local Hub failure injected by the test",
+             retry_after: int | None = None) -> None:
+        """Answer requests whose method and path match with ``status``: the next ``times`` of them, or all.
+        ``retry_after`` adds a ``Retry-After`` header (seconds), which huggingface_hub's backoff honours: tests set
+        0 to go past its retries in seconds rather than its ~23 s of backoff."""
+        self.failures.append(Failure(method, re.compile(path_regex), status, times, message, retry_after))
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.repos[repo_id]
@@ -259,7 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.requests.append(record)
             failure = self._injected(method, record.path)
         if failure is not None:
-            self._send(failure.status, {"error": failure.message}, record, error_message=failure.message)
+            retry = {} if failure.retry_after is None else {"Retry-After": str(failure.retry_after)}
+            self._send(failure.status, {"error": failure.message}, record, error_message=failure.message, extra=retry)
             return
         try:
             with self.hub.lock:

@@ -20,13 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "me/digits"
 
 
-def hf_gam_env(**extra: str) -> dict[str, str]:
+def hf_gam_env(**extra: str | None) -> dict[str, str]:
     """The environment of a launched ``hf-gam``: this checkout, one thread, and the local Hub's variables (set by
-    :func:`local_hub.serving` in ``os.environ``)."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+    :func:`local_hub.serving` in ``os.environ``); ``extra`` values override them (``None``: unset)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 
 
-def run_hf_gam(args: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
+def run_hf_gam(args: list[str], cwd: Path, **extra_env: str | None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hf_gam", "train", *map(str, args)], capture_output=True,
                           text=True, env=hf_gam_env(**extra_env), cwd=cwd, timeout=600)
 
@@ -37,12 +43,12 @@ PUSH_FLAGS = ["--max_steps", "2", "--disable_tqdm", "true", "--logging_steps", "
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory):
     """One ``hf-gam train --push_to_hub`` of the embedded digits job (2 steps, 100 random test images), the token
-    passed as ``--hub_token``."""
+    passed as ``--hub_token`` only (no HF_TOKEN, no saved token)."""
     root = tmp_path_factory.mktemp("cli_push")
     with serving(root / "hf_home") as hub:
         out = root / "digits"
         proc = run_hf_gam([*PUSH_FLAGS, "--output_dir", out, "--hub_model_id", REPO_ID, "--hub_token", TOKEN,
-                           "--max_eval_samples", "100"], cwd=root)
+                           "--max_eval_samples", "100"], cwd=root, HF_TOKEN=None)
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield SimpleNamespace(hub=hub, out=out, proc=proc, files=hub.files(REPO_ID))
 
