@@ -5,7 +5,8 @@ It answers what ``HfApi.create_repo`` / ``upload_folder`` / ``create_commit`` / 
 ``get_paths_info`` / ``whoami``, ``hf_hub_download`` / ``snapshot_download`` (and so ``from_pretrained``) and
 ``hf upload`` call, as read in huggingface_hub 1.33 (``hf_api.py``, ``_commit_api.py``, ``file_download.py``):
 
-- ``GET /api/whoami-v2``: 401 without the test token;
+- ``GET /api/whoami-v2``: 401 without the test token; ``GET /api/agent-harnesses`` (the client's own telemetry
+  registry): empty;
 - ``POST /api/repos/create``: the repo under the token's user (409 with the repo's ``url`` when it exists, 403 for
   another namespace, 400 for an invalid name);
 - ``POST /api/validate-yaml``: the README's YAML must parse to a mapping; ``tags`` / ``datasets`` are lists of
@@ -54,6 +55,7 @@ import yaml
 
 TOKEN = "hf_localHubTestTokenDoNotLeak0123456789"
 USER = "me"
+TELEMETRY = ("/api/agent-harnesses",)  # what huggingface_hub asks for itself (its agent-detection registry)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 
 
@@ -142,7 +144,10 @@ class LocalHub:
         return list(self.repos[repo_id].commits)
 
     def seen(self, method: str | None = None, contains: str = "") -> list[Request]:
-        return [r for r in self.requests if (method is None or r.method == method) and contains in r.path]
+        """The requests received (``method``, a ``contains`` substring of the path), the client's own telemetry
+        (``GET /api/agent-harnesses``, fetched once a day per cache) left out."""
+        return [r for r in self.requests if (method is None or r.method == method) and contains in r.path
+                and r.path not in TELEMETRY]
 
     # ---- state changes (under the lock) ----
     def create(self, repo_id: str, private: bool) -> None:
@@ -323,6 +328,8 @@ def _route(hub: LocalHub, method: str, raw_path: str, query, body: bytes, auth: 
             return 401, {"error": "Invalid credentials in Authorization header"}, {}
         return 200, {"type": "user", "name": hub.user, "fullname": "Local Hub User", "orgs": [],
                      "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}}, {}
+    if method == "GET" and raw_path == "/api/agent-harnesses":
+        return 200, {"standardEnvVars": [], "harnesses": {}}, {}
     if method == "POST" and raw_path == "/api/repos/create":
         return _create_repo(hub, json.loads(body or b"{}"), authorized)
     if method == "POST" and raw_path == "/api/validate-yaml":
@@ -466,9 +473,12 @@ def _resolve(hub: LocalHub, repo_id: str, rev: str, path: str, headers):
 def serving(home: Path) -> Iterator[LocalHub]:
     """Start a :class:`LocalHub` and point huggingface_hub at it: ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME`` (a
     fresh cache under ``home``), ``HF_HUB_OFFLINE=0`` in the environment (for launched processes, which read them at
-    import), and the same values in ``huggingface_hub.constants`` (read at import by this process, where the suite
-    runs offline). Nothing of ``HfApi`` or the Trainer is touched; everything is restored at the end."""
-    from huggingface_hub import constants
+    import), and the same values where this process read them at import (the suite runs offline):
+    ``huggingface_hub.constants`` and the ``endpoint`` attribute of the clients made then (huggingface_hub's
+    module-level ``HfApi`` behind ``file_exists``, ``create_repo``...; transformers' shared one if made). No method
+    of ``HfApi`` or the Trainer is touched; everything is restored at the end."""
+    from huggingface_hub import constants, hf_api
+    from transformers.utils import hub as transformers_hub
 
     env = {"HF_ENDPOINT": None, "HF_TOKEN": TOKEN, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0",
            "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -481,6 +491,9 @@ def serving(home: Path) -> Iterator[LocalHub]:
                            "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
                            "HF_HUB_ETAG_TIMEOUT": 30}.items():
             patch.setattr(constants, key, value)
+        for client in (hf_api.api, getattr(transformers_hub, "_hf_api", None)):
+            if client is not None:
+                patch.setattr(client, "endpoint", hub.endpoint)
         yield hub
 
 

@@ -94,7 +94,7 @@ def test_card_passes_validation_with_model_index_results(pushed):
 
 def test_requests_of_one_push(pushed):
     """What the client sent for one push, in order (the token check, the repo, the card, one commit)."""
-    seen = [f"{r.method} {r.path}" for r in pushed.hub.requests]
+    seen = [f"{r.method} {r.path}" for r in pushed.hub.seen()]
     assert seen == ["GET /api/whoami-v2", "POST /api/repos/create", "POST /api/validate-yaml",
                     f"POST /api/models/{REPO_ID}/preupload/main", f"POST /api/models/{REPO_ID}/commit/main"], seen
     commit = pushed.hub.commits(REPO_ID)[-1]
