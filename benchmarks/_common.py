@@ -27,7 +27,7 @@ from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.directions import MODES
+from hf_gam.core.directions import MODES
 
 # (label, GAMConfig overrides); None = the stock transformers.Trainer (the baseline every ratio is taken against).
 # Every registered mode at its defaults, then gam_fast on 1 step in 10.

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CPU_BENCHES, machine_line, num_params  # noqa: E402
 
 from hf_gam import functional as GF  # noqa: E402
-from hf_gam.passes import second_order_context  # noqa: E402
+from hf_gam.core.functional import second_order_context# noqa: E402
 
 
 def make_methods(model, batch):

@@ -39,7 +39,7 @@ from _common import (CASES, CPU_BENCHES, TARGETS, cpu_peak_step_bytes, git_commi
                      live_tensor_bytes, machine_line, make_trainer, make_trainers, num_params, optimizer_step,
                      param_bytes, rss_bytes, step_flops, summarize, tmp_output_dir, write_report)
 
-from hf_gam.directions import MODES  # noqa: E402
+from hf_gam.core.directions import MODES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "step_cost_cpu.md")

@@ -27,7 +27,7 @@ import os
 import sys
 
 from hf_gam.cli import main as hf_gam_main
-from hf_gam.cli_common import exit_process
+from hf_gam.cli.common import exit_process
 
 PAPER_RHO = {"cifar10": "0.04", "cifar100": "0.1"}
 GLOBAL_BATCH = 128

@@ -1,10 +1,11 @@
 """GAM in your own training loop: accelerate + the functional API, no Trainer.
 
-Per step: a :class:`hf_gam.passes.MicroBatchOracle` says how to get the loss of this batch at the current weights
-(its passes run under ``accelerator.no_sync``, since DDP does not reduce ``torch.autograd.grad`` results);
-:func:`hf_gam.passes.run_passes` runs the passes of the mode (``gam``: Algorithm 1) and returns the update
-direction ``d`` with the weights restored bit for bit; the loop averages ``d`` over processes (what DDP would have
-done), puts it in ``p.grad`` and lets the optimizer step. ``--gam_mode none`` is plain training.
+Per step: a :class:`hf_gam.core.oracles.MicroBatchOracle` says how to get the loss of this batch at the current
+weights (its passes run under ``accelerator.no_sync``, since DDP does not reduce ``torch.autograd.grad`` results);
+:func:`hf_gam.core.step.apply_direction_step`, the step driver ``GAMTrainer`` and ``hf_gam.optim.GAM`` use too, runs
+the passes of the mode (``gam``: Algorithm 1) with the weights restored bit for bit, puts the update direction in
+``p.grad`` (in the parameter's layout) and averages it over processes (what DDP would have done); the optimizer
+steps. ``--gam_mode none`` is plain training.
 
 Launch:
 
@@ -13,7 +14,7 @@ Launch:
 
     torchrun --nproc_per_node 2 examples/custom_accelerate_loop.py --epochs 1   # CPU works too (gloo)
 
-Datasets and models come from :mod:`hf_gam.data` / :mod:`hf_gam.models` (defaults: sklearn digits, the built-in
+Datasets and models come from :mod:`hf_gam.data` / :mod:`hf_gam.cli.models` (defaults: sklearn digits, the built-in
 tiny ResNet; no download).
 """
 
@@ -23,17 +24,17 @@ import argparse
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from hf_gam.data import DataArguments, build_transforms, collate, load_image_data, with_transform
-from hf_gam.directions import MODES, GAMHyper
-from hf_gam.models import ModelArguments, load_model
-from hf_gam.cli_common import exit_process
-from hf_gam.passes import MicroBatchOracle, run_passes
+from hf_gam.core.directions import MODES, GAMHyper
+from hf_gam.cli.models import ModelArguments, load_model
+from hf_gam.cli.common import exit_process
+from hf_gam.core.oracles import MicroBatchOracle
+from hf_gam.core.step import apply_direction_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny-resnet", help="Hub id, local directory, tiny-resnet, timm:<arch>")
     p.add_argument("--image_size", type=int, default=None, help="input size of built-in / timm: models")
     p.add_argument("--gam_mode", default="gam", choices=list(MODES))
-    p.add_argument("--gam_rho", type=float, default=None, help="default: the mode's (hf_gam.directions.MODES)")
+    p.add_argument("--gam_rho", type=float, default=None, help="default: the mode's (hf_gam.core.directions.MODES)")
     p.add_argument("--gam_alpha", type=float, default=None, help="default: the mode's")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
@@ -83,13 +84,8 @@ def main(argv=None) -> float:
                 return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
             oracle = MicroBatchOracle(model, params, loss_fn, pass_context=lambda: accelerator.no_sync(model))
-            d, stats = run_passes(hyper, params, oracle)  # BatchNorm clean-up, non-finite fallback included
-            if accelerator.num_processes > 1:  # average the directions over processes, as DDP would
-                for t in d:
-                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                    t.div_(accelerator.num_processes)
-            for p, g in zip(params, d):
-                p.grad = g
+            # passes (BatchNorm clean-up, non-finite fallback included), p.grad = d, averaged over processes
+            stats = apply_direction_step(hyper, params, oracle, average_over_processes=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

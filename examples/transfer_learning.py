@@ -30,7 +30,7 @@ import os
 import sys
 
 from hf_gam.cli import main as hf_gam_main
-from hf_gam.cli_common import exit_process
+from hf_gam.cli.common import exit_process
 
 BACKBONES = {
     # Table 3: EfficientNet-b0 with SGD (momentum 0.9), Swin-t with AdamW (betas 0.9, 0.999).

@@ -1,8 +1,20 @@
-"""hf_gam: Gradient-norm Aware Minimization (GAM, CVPR 2023) and its SAM relatives for the Hugging Face Trainer."""
+"""hf_gam: Gradient-norm Aware Minimization (GAM, CVPR 2023) and its SAM relatives for the Hugging Face Trainer.
 
-from . import directions, flatness, functional, optim
-from .config import GAMConfig
-from .directions import GAMHyper
+Floors, each importing only from those below it (``tests/test_architecture.py`` checks them):
+
+- :mod:`hf_gam.core`: the algorithm (tensor math, the mode registry and directions, oracles, collectives, the step
+  driver); imports nothing else of hf_gam.
+- :mod:`hf_gam.optim` (``GAM`` / ``SAM`` for any loop) and :mod:`hf_gam.trainer` (``GAMConfig``, ``GAMTrainer``,
+  losses, checkpoints, the model card): glue over the core.
+- :mod:`hf_gam.flatness`: diagnostics (uses :mod:`hf_gam.core.functional` only); :mod:`hf_gam.metrics`: the
+  ``evaluate`` modules shipped in the package; :mod:`hf_gam.data`: datasets and transforms.
+- :mod:`hf_gam.cli`: ``hf-gam train`` and ``hf-gam flatness`` on top of everything.
+- ``errors.py`` and ``formatting.py``: leaves any floor may use.
+"""
+
+from . import flatness, optim
+from .core import directions, functional
+from .core.directions import GAMHyper
 from .flatness import (
     FlatnessArguments,
     FlatnessCallback,
@@ -14,8 +26,9 @@ from .flatness import (
     run_flatness,
     zeroth_order_flatness,
 )
-from .passes import MicroBatchOracle, WindowOracle, run_passes
-from .trainer import GAMTrainer
+from .core.oracles import MicroBatchOracle, WindowOracle
+from .core.step import run_passes
+from .trainer import GAMConfig, GAMTrainer
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ The interface follows the wrappers people use today: davda54/sam ``SAM(params, b
 LR schedulers built on the wrapper drive the base), the released GAM code ``GAM(params, base_optimizer, model, ...)``
 (https://github.com/xxgege/GAM, ``gam/gam.py``; its ``ProportionScheduler`` in ``gam/util.py`` is our
 ``rho_schedule="lr_proportional"``) and pytorch_optimizer's ``SAM(params, base_optimizer, rho, adaptive)``.
-Every update rule is :func:`hf_gam.passes.run_passes` / :mod:`hf_gam.directions`: this file only turns a closure into
-gradient oracles and steps the base optimizer.
+Every update rule is :func:`hf_gam.core.step.apply_direction_step` / :mod:`hf_gam.core.directions`: this file only
+turns a closure into gradient oracles and steps the base optimizer.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .directions import MODES, GAMHyper
-from .passes import WindowOracle, accumulate_grads_, all_reduce_, loss_scale_of, reached_on_any_process, run_passes
+from .core.directions import MODES, GAMHyper
+from .core.oracles import WindowOracle
+from .core.step import apply_direction_step, loss_scale_of
 
 __all__ = ["GAM", "SAM"]
 
@@ -43,7 +43,7 @@ def _check(name: str, value: Any, ok: Callable[[Any], bool], rule: str) -> None:
 
 
 class _ClosureOracle(WindowOracle):
-    """The oracles of :mod:`hf_gam.passes` over a user closure, in either style:
+    """The oracles of :mod:`hf_gam.core.oracles` over a user closure, in either style:
 
     - graph style: the closure returns the loss with its autograd graph and runs no backward; gradients (and HVPs)
       come from ``torch.autograd.grad`` on it;
@@ -234,20 +234,13 @@ class GAM(Optimizer):
         params = self._params()
         hyper = self.current_hyper()
         scale = self._loss_scale()
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         oracle = _ClosureOracle(hyper.mode, self.model if self.model is not None else nn.Module(), params, closure,
                                 reduce=self.perturbation == "global", loss_scale=scale,
                                 pass_context=self._pass_context)
-        d, stats = run_passes(hyper, params, oracle)
-        reached = reached_on_any_process(oracle.reached, params[0].device)
         for p in params:  # gradients from before the step are not part of it
             p.grad = None
-        # p.grad = scale * d in the parameter's layout (fused optimizers do not check strides); unreached: None
-        accumulate_grads_(params, d, 1.0 if scale is None else scale, reached)
-        del d
-        with torch.no_grad():
-            if world > 1 and self.perturbation == "local":
-                all_reduce_([p.grad for p, r in zip(params, reached) if r], mean=True)
+        # p.grad = S·d in the parameter's layout (fused optimizers do not check strides); unreached: None
+        stats = apply_direction_step(hyper, params, oracle, average_over_processes=self.perturbation == "local")
         self.step_count += 1
         self.last_stats = stats
         if scale is not None:

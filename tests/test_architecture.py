@@ -17,8 +17,23 @@ from pathlib import Path
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_gam"
-TRAINING = {"hf_gam.passes", "hf_gam.trainer", "hf_gam.config", "hf_gam.cli", "hf_gam.cli_common",
-            "hf_gam.cli_flatness", "hf_gam.data", "hf_gam.sources", "hf_gam.models", "hf_gam.card", "hf_gam"}  # hf_gam itself: its __init__ imports the trainer
+# Floors: what each part of the package may import of hf_gam (a module belongs to the longest prefix listed).
+# hf_gam itself (its __init__) and __main__ sit on top and may import anything.
+FLOORS = {
+    "hf_gam.errors": set(),
+    "hf_gam.formatting": set(),
+    "hf_gam.core": {"hf_gam.core"},
+    "hf_gam.metrics": {"hf_gam.metrics", "hf_gam.errors"},
+    "hf_gam.data": {"hf_gam.data", "hf_gam.errors"},
+    "hf_gam.flatness": {"hf_gam.flatness", "hf_gam.core.functional", "hf_gam.formatting"},
+    "hf_gam.optim": {"hf_gam.core"},
+    "hf_gam.trainer": {"hf_gam.trainer", "hf_gam.core", "hf_gam.flatness", "hf_gam.formatting", "hf_gam.errors"},
+    "hf_gam.cli": {"hf_gam.cli", "hf_gam.core", "hf_gam.trainer", "hf_gam.data", "hf_gam.flatness",
+                   "hf_gam.metrics", "hf_gam.formatting", "hf_gam.errors"},
+}
+TRAINING = {"hf_gam.core.step", "hf_gam.core.oracles", "hf_gam.trainer", "hf_gam.trainer.trainer",
+            "hf_gam.trainer.config", "hf_gam.cli", "hf_gam.cli.common", "hf_gam.cli.flatness", "hf_gam.data",
+            "hf_gam.data.sources", "hf_gam.cli.models", "hf_gam.trainer.card", "hf_gam"}  # hf_gam: imports the trainer
 
 
 def _module_name(path: Path) -> str:
@@ -96,10 +111,10 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_graph_sees_known_edges():
     """The checker itself: relative, absolute, ``from . import module`` and function-level imports are edges."""
     graph = import_graph()
-    assert "hf_gam.functional" in graph["hf_gam.directions"]  # from . import functional as GF
+    assert "hf_gam.core.functional" in graph["hf_gam.core.directions"]  # from . import functional as GF
     assert "hf_gam.flatness._objective" in graph["hf_gam.flatness.measures"]  # from ._objective import ...
-    assert "hf_gam.functional" in graph["hf_gam.flatness._objective"]  # from .. import functional as GF
-    assert "hf_gam.trainer" in graph["hf_gam.cli"]  # inside a function
+    assert "hf_gam.core.functional" in graph["hf_gam.flatness._objective"]  # from .. import functional as GF
+    assert "hf_gam.trainer" in graph["hf_gam.cli.train"]  # inside a function
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
@@ -109,8 +124,39 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles in hf_gam: {_describe(cycles)}"
 
 
+def floor_of(module: str) -> str | None:
+    """The entry of :data:`FLOORS` a module belongs to (the longest matching prefix), ``None`` for the top."""
+    matches = [f for f in FLOORS if module == f or module.startswith(f + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def _allowed(target: str, allowed: set[str]) -> bool:
+    return any(target == a or target.startswith(a + ".") for a in allowed)
+
+
+def test_floors():
+    """Each part of the package imports only the floors below it (FLOORS): the core nothing else of hf_gam, the
+    diagnostics the core's tensor math only, no arrow up (e.g. the trainer never imports the CLI)."""
+    graph = import_graph()
+    assert floor_of("hf_gam.core.step") == "hf_gam.core" and floor_of("hf_gam") is None
+    violations = []
+    for module, targets in sorted(graph.items()):
+        floor = floor_of(module)
+        if floor is None:
+            continue
+        violations += [f"{module} -> {t}" for t in sorted(targets) if not _allowed(t, FLOORS[floor])]
+    assert not violations, "imports against the floors: " + "; ".join(violations)
+
+
+def test_every_module_has_a_floor():
+    """A new top-level module or subpackage gets its floor in FLOORS (or it escapes the check above)."""
+    top = {"hf_gam", "hf_gam.__main__"}
+    unplaced = sorted(m for m in import_graph() if m not in top and floor_of(m) is None)
+    assert not unplaced, f"modules without a floor in tests/test_architecture.py FLOORS: {unplaced}"
+
+
 def test_flatness_imports_no_training_code():
-    """The diagnostics use hf_gam.functional only: no pass runner, trainer, config, CLI, data or card code, not
+    """The diagnostics use hf_gam.core.functional only: no pass runner, trainer, config, CLI, data or card code, not
     even through another module."""
     graph = import_graph()
     flatness = [m for m in graph if m == "hf_gam.flatness" or m.startswith("hf_gam.flatness.")]
@@ -121,12 +167,9 @@ def test_flatness_imports_no_training_code():
 
 
 def test_shared_machinery_is_defined_once():
-    """``second_order_context`` is defined in hf_gam.functional only (hf_gam.passes re-exports it), and exact HVPs
-    (``create_graph`` double backward) are taken by functional.hvp, not re-implemented elsewhere."""
-    import hf_gam.functional
-    import hf_gam.passes
-
-    assert hf_gam.passes.second_order_context is hf_gam.functional.second_order_context
+    """``second_order_context`` is defined in hf_gam.core.functional only, exact HVPs (``create_graph`` double
+    backward) are taken by functional.hvp, not re-implemented elsewhere, and "how many processes" is asked in
+    hf_gam.core.collectives only (``world_size``)."""
     defined = {}
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -134,8 +177,11 @@ def test_shared_machinery_is_defined_once():
                 defined.setdefault(node.name, []).append(_module_name(path))
             if _is_vjp(node):
                 defined.setdefault("<autograd.grad with grad_outputs>", []).append(_module_name(path))
-    assert defined["second_order_context"] == ["hf_gam.functional"]
-    assert defined["<autograd.grad with grad_outputs>"] == ["hf_gam.functional"]
+    assert defined["second_order_context"] == ["hf_gam.core.functional"]
+    assert defined["<autograd.grad with grad_outputs>"] == ["hf_gam.core.functional"]
+    assert defined["world_size"] == ["hf_gam.core.collectives"]
+    asked = sorted({_module_name(p) for p in PACKAGE.rglob("*.py") if "get_world_size(" in p.read_text()})
+    assert asked == ["hf_gam.core.collectives"], f"world size asked outside hf_gam.core.collectives: {asked}"
 
 
 def _is_vjp(node: ast.AST) -> bool:
@@ -154,11 +200,16 @@ def test_import_hf_gam_does_not_load_matplotlib():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_every_subpackage_ships():
-    """pyproject.toml lists its packages by hand: every folder of hf_gam with an ``__init__.py`` must be there (a
-    missing one installs in editable mode and vanishes from the wheel)."""
+def test_every_subpackage_is_found():
+    """pyproject.toml finds the packages (no hand-written list): every folder of hf_gam with ``.py`` modules has an
+    ``__init__.py`` (the evaluate metric modules and the card template aside: package data), and setuptools' own
+    discovery with the project's settings finds every one of them. The built wheel is checked in test_cli.py."""
     import tomllib
 
-    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
-    assert found <= listed, f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
+    from setuptools import find_packages
+
+    find = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(str(PACKAGE.parent), include=find["include"]))
+    folders = {_module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("*.py")
+               if PACKAGE / "metrics" not in p.parents or p.parent == PACKAGE / "metrics"}
+    assert folders <= found, f"folders of modules not found as packages: {sorted(folders - found)}"

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from testing_utils import image_data, tiny_vit
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.card import is_hub_id, render_model_card
+from hf_gam.trainer.card import is_hub_id, render_model_card
 
 HUB_BASE = "google/vit-base-patch16-224-in21k"
 

@@ -1,7 +1,7 @@
 """Resume and ``load_best_model_at_end`` restore every tensor of HF models whose modules transformers 5 renamed.
 
 ``save_pretrained`` writes ViT / Swin under their legacy key names; the stock Trainer reloads checkpoints with a
-non-strict ``load_state_dict`` and silently skips those tensors. :mod:`hf_gam.checkpoints` converts the keys with
+non-strict ``load_state_dict`` and silently skips those tensors. :mod:`hf_gam.trainer.checkpoints` converts the keys with
 the model's own conversion mapping (as ``from_pretrained`` does) and refuses anything missing or unexpected."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from testing_utils import TIMM_VIT_16PX, image_data, tiny_efficientnet, tiny_swi
 from transformers import ViTForImageClassification
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.checkpoints import CheckpointMismatchError  # noqa: E402
+from hf_gam.trainer.checkpoints import CheckpointMismatchError  # noqa: E402
 
 SLOW = pytest.mark.slow
 SGD_MOMENTUM = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})  # the kwargs must carry lr (else SGD's 1e-3)
@@ -129,7 +129,7 @@ def test_converters_and_tied_weights(tmp_path, tied):
     MergeModulelist + Concatenate converters); tied embeddings are saved once."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from hf_gam.checkpoints import load_model_weights, read_checkpoint_weights
+    from hf_gam.trainer.checkpoints import load_model_weights, read_checkpoint_weights
 
     config = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,

@@ -14,9 +14,10 @@ import pytest
 import torch
 from testing_utils import HUB_LAYOUTS, write_hub_copy
 
-from hf_gam.card import render_model_card, template_path
-from hf_gam.cli import TRAIN_DEFAULTS, main
-from hf_gam.config import GAMConfig
+from hf_gam.trainer.card import render_model_card, template_path
+from hf_gam.cli import main
+from hf_gam.cli.train import TRAIN_DEFAULTS
+from hf_gam.trainer.config import GAMConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,7 @@ def test_flatness_measures_the_saved_model_or_fails(tmp_path, hub_copies, capsys
     line), not a silently re-initialized head; matching classes load with the saved head unchanged."""
     from transformers import AutoModelForImageClassification
 
-    from hf_gam import models
+    from hf_gam.cli import models
 
     names = HUB_LAYOUTS["cifar10"]["names"]
     data = ["--dataset", "cifar10", "--dataset_path", str(hub_copies["cifar10"])]
@@ -306,7 +307,7 @@ def test_main_ends_the_process_group(tmp_path, monkeypatch):
 def test_exit_process_under_a_launcher_flushes_and_keeps_the_status(tmp_path):
     """Under torchrun (WORLD_SIZE > 1) a command leaves with os._exit after flushing: the status and the output
     survive, and nothing after it runs (no C++ teardown, where a gloo thread can abort the process)."""
-    code = ("import atexit, sys\nfrom hf_gam.cli_common import exit_process\n"
+    code = ("import atexit, sys\nfrom hf_gam.cli.common import exit_process\n"
             "atexit.register(lambda: print('atexit ran'))\nprint('before', end='')\nsys.stderr.write('err')\n"
             "exit_process(3)\nprint('after')\n")
     env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(REPO)}
@@ -347,13 +348,15 @@ def test_card_records_every_setting():
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_card_template(tmp_path):
+def test_wheel_ships_every_module_and_the_card_template(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, timeout=600)
     wheel = next(tmp_path.glob("hf_gam-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hf_gam/model_cards/gam_model_card.md" in names and "hf_gam/cli.py" in names
-    assert {"hf_gam/metrics/accuracy/accuracy.py", "hf_gam/metrics/top_k_accuracy/top_k_accuracy.py"} <= set(names)
+    tree = {p.relative_to(REPO).as_posix() for p in (REPO / "hf_gam").rglob("*") if p.suffix in (".py", ".md")}
+    assert "hf_gam/model_cards/gam_model_card.md" in tree and "hf_gam/core/step.py" in tree
+    assert {"hf_gam/metrics/accuracy/accuracy.py", "hf_gam/metrics/top_k_accuracy/top_k_accuracy.py"} <= tree
+    assert tree <= set(names), f"modules of the tree missing from the wheel: {sorted(tree - set(names))}"
 
 
 def test_defaults_are_sensible():

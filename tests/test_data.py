@@ -284,7 +284,7 @@ def test_hub_cars_reads_only_train_and_test_data_files(tmp_path, monkeypatch, hu
     import huggingface_hub
     from datasets import load_dataset
 
-    import hf_gam.sources as sources_module
+    import hf_gam.data.sources as sources_module
 
     write_readme(tmp_path, ["train", "test", *CARS_CORRUPTIONS])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",

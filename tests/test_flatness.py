@@ -21,7 +21,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from hf_gam import flatness as FL
 from hf_gam.flatness._objective import Objective
 from hf_gam.flatness.landscape import filter_normalized_direction
-from hf_gam.functional import second_order_context
+from hf_gam.core.functional import second_order_context
 
 DT = torch.float64
 

@@ -9,7 +9,7 @@ from reference import flat_params, hessian, loss_of
 
 from hf_gam import directions as D
 from hf_gam import functional as GF
-from hf_gam.passes import MicroBatchOracle
+from hf_gam.core.oracles import MicroBatchOracle
 
 
 def tensors(seed, shapes=((3, 4), (5,), (2, 2, 3), ())):

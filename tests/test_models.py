@@ -1,4 +1,4 @@
-"""hf_gam.models: local save_pretrained directories (HF ViT, timm wrapper), head resizing with id2label/label2id,
+"""hf_gam.cli.models: local save_pretrained directories (HF ViT, timm wrapper), head resizing with id2label/label2id,
 from-scratch builds, built-in architectures, and clear errors for unreadable models. Offline."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from hf_gam.models import ModelArguments, ModelLoadError, load_model, model_summary
+from hf_gam.cli.models import ModelArguments, ModelLoadError, load_model, model_summary
 
 NAMES = ["cat", "dog", "bird", "fish", "frog"]
 

@@ -1,4 +1,4 @@
-"""The mode registry (hf_gam.directions.MODES) is the one place a mode is defined: its facts match what the mode
+"""The mode registry (hf_gam.core.directions.MODES) is the one place a mode is defined: its facts match what the mode
 runs, GAMHyper and GAMConfig take the same defaults from it, and a newly registered mode reaches config validation,
 the dispatcher, the trainer's logs and FLOP counting with no other edit."""
 
@@ -12,8 +12,9 @@ from transformers import Trainer
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam import functional as GF
-from hf_gam.directions import MODES, GAMHyper, ModeSpec
-from hf_gam.passes import MicroBatchOracle, compute_direction
+from hf_gam.core.directions import MODES, GAMHyper, ModeSpec
+from hf_gam.core.oracles import MicroBatchOracle
+from hf_gam.core.step import compute_direction
 
 
 def config(tmp_path, **kw):

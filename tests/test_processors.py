@@ -220,7 +220,7 @@ def test_train_evaluates_exactly_what_auto_image_processor_produces(tmp_path, ti
 def test_builtin_models_save_the_processor_they_were_evaluated_with(name, tmp_path):
     """The download-free models come with a real processor (ViTImageProcessor; timm's from ``pretrained_cfg``) that
     ``save_pretrained`` writes and ``AutoImageProcessor`` reads back: a saved run evaluates the same inputs."""
-    from hf_gam.models import ModelArguments, load_model
+    from hf_gam.cli.models import ModelArguments, load_model
 
     loaded = load_model(ModelArguments(model=name, image_size=32), ["a", "b"])
     loaded.model.save_pretrained(tmp_path)

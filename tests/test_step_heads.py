@@ -77,14 +77,14 @@ def test_process_count_factor_one_process(tmp_path, monkeypatch, head, average):
     second one that saw the same micro-batch: `num_items_in_batch` counts both, the all-reduce (a mean) of two
     equal gradients is the gradient itself, so `p.grad` must be this micro-batch's mean-loss gradient (half of
     it without `average_tokens_across_devices`, which the Trainer then compensates by not dividing by the world)."""
-    import hf_gam.trainer as trainer_module
+    import hf_gam.core.collectives as collectives
 
     model, data = head_model_and_data(head, n=8)
     batch = {"pixel_values": data.x, "labels": data.y}
     trainer = GAMTrainer(model=model, args=sgd(tmp_path, GAMConfig, gam_mode="gam", gam_alpha=0.0,
                                                gradient_accumulation_steps=1, average_tokens_across_devices=average))
     monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
-    monkeypatch.setattr(trainer_module, "all_reduce_", lambda tensors, mean=False: None)
+    monkeypatch.setattr(collectives, "all_reduce_", lambda tensors, mean=False: None)
     n = batch["labels"].ne(-100).sum()
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     loss = trainer.training_step(model, dict(batch), num_items_in_batch=2 * n)

@@ -28,8 +28,8 @@ from testing_utils import (
 from transformers import Trainer, TrainingArguments
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.directions import MODES
-from hf_gam.losses import classifier_config, fits_head
+from hf_gam.core.directions import MODES
+from hf_gam.trainer.losses import classifier_config, fits_head
 
 # the real families at 32 px
 FAMILIES = {"vit": partial(tiny_vit, image_size=32), "swin": partial(tiny_swin, image_size=32),
@@ -268,7 +268,7 @@ def test_gam_logs_averaged_over_processes(tmp_path, monkeypatch):
     ascent_grad_norm of 5, which this process never recorded)."""
     import types
 
-    import hf_gam.trainer as trainer_module
+    import hf_gam.core.collectives as collectives
 
     calls = []
 
@@ -278,7 +278,7 @@ def test_gam_logs_averaged_over_processes(tmp_path, monkeypatch):
 
     fake = types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
                                  all_reduce=all_reduce, ReduceOp=torch.distributed.ReduceOp)
-    monkeypatch.setattr(trainer_module, "dist", fake)
+    monkeypatch.setattr(collectives, "dist", fake)
     trainer = GAMTrainer(model=tiny_model(), args=train_args(tmp_path, gam_mode="sam"))
     hyper = trainer.args.gam_hyper()
     for g in (1.0, 3.0):

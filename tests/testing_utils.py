@@ -16,7 +16,7 @@ from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.directions import MODES
+from hf_gam.core.directions import MODES
 
 ALL_MODES = list(MODES)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
-from .. import functional as GF
+from ..core import functional as GF
 
 __all__ = ["LossFn", "Objective", "measured", "check_argument", "check_ascent_arguments", "normalized",
            "batch_size", "default_loss"]

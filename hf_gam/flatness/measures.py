@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import functional as GF
+from ..core import functional as GF
 from . import defaults as D
 from ._objective import LossFn, Objective, check_argument, check_ascent_arguments, measured, normalized
 

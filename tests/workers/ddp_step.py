@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from testing_utils import HP, Recorder, sgd_args, tiny_data, tiny_model  # noqa: E402
 from reference import flat_params  # noqa: E402
-from hf_gam.cli_common import exit_process  # noqa: E402
+from hf_gam.cli.common import exit_process  # noqa: E402
 
 out_dir = sys.argv[1]
 cases = [c.split(":") for c in sys.argv[2].split(",")]  # mode:perturbation[:gam_every] (gam_every > 1: three steps)

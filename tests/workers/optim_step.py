@@ -13,7 +13,7 @@ from testing_utils import tiny_data, tiny_model
 from reference import flat_params
 
 from hf_gam.optim import GAM
-from hf_gam.cli_common import exit_process  # noqa: E402
+from hf_gam.cli.common import exit_process  # noqa: E402
 
 out_dir, cases = sys.argv[1], [c.split(":") for c in sys.argv[2].split(",")]
 dist.init_process_group("gloo")

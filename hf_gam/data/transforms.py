@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 from torchvision.transforms import v2 as T
 
-from .errors import DataError
+from ..errors import DataError
 
 Augment = Literal["none", "basic", "cutout", "randaugment", "autoaugment"]
 AUGMENTS: tuple[str, ...] = get_args(Augment)

@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .cli_common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
-from .flatness import defaults as flatness_defaults
+from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
+from ..flatness import defaults as flatness_defaults
 
 __all__ = ["FlatnessRunArguments", "flatness_main"]
 
@@ -28,8 +28,8 @@ def flatness_main(argv: list[str]) -> int:
     """``hf-gam flatness --model DIR --dataset NAME [--compare DIR2] [--flatness_* ...]``."""
     from transformers import HfArgumentParser
 
-    from .data import DataArguments, DataError, build_transforms, load_image_data
-    from .flatness import FlatnessArguments, run_flatness
+    from ..data import DataArguments, DataError, build_transforms, load_image_data
+    from ..flatness import FlatnessArguments, run_flatness
     from .models import ModelArguments, ModelLoadError, load_trained_model
 
     parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),

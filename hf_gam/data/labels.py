@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from datasets import ClassLabel, Dataset, Value
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def _kind(feature) -> str | None:

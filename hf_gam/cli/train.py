@@ -1,13 +1,12 @@
-"""The ``hf-gam`` command line.
+"""``hf-gam train``.
 
 ``hf-gam train [FLAGS | config.yaml | config.json]`` fine-tunes (or trains from scratch) an image classifier with
-:class:`hf_gam.GAMTrainer`. Flags come from ``transformers.HfArgumentParser`` over :class:`~hf_gam.models.ModelArguments`,
+:class:`hf_gam.GAMTrainer`. Flags come from ``transformers.HfArgumentParser`` over :class:`~hf_gam.cli.models.ModelArguments`,
 :class:`~hf_gam.data.DataArguments`, :class:`RunArguments` and :class:`~hf_gam.GAMConfig`; with no argument at all it
 trains a small ResNet with GAM (``gam_fast``, the default mode) on sklearn's digits (embedded, no download): ~98% test
 accuracy in well under a minute on two idle CPU cores.
 
-User errors (bad flags, unknown datasets, missing columns, unreadable models, a push that cannot succeed) are
-printed as one ``hf-gam: error: ...`` line with exit status 2, before anything is computed or written.
+User errors are printed as one ``hf-gam: error: ...`` line with exit status 2 (:mod:`hf_gam.cli`).
 """
 
 from __future__ import annotations
@@ -19,28 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cli_common import (  # noqa: F401 (UsageError and end_process_group: part of this module's API)
-    CONFIG_SUFFIXES,
-    UsageError,
-    check_flatness_args,
-    config_to_argv,
-    end_process_group,
-    eval_batches,
-    exit_process,
-    read_config_file,
-)
-from .cli_flatness import flatness_main
-from .flatness import defaults as flatness_defaults
+from ..flatness import defaults as flatness_defaults
+from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
 
 logger = logging.getLogger("hf_gam.cli")
-
-USAGE = """usage: hf-gam <command> [options]
-
-commands:
-  train      fine-tune / train an image classifier with GAM (no options: GAM on sklearn's digits)
-  flatness   flatness diagnostics of a trained model (Hessian spectrum, R0/R1, landscape)
-
-'hf-gam <command> --help' lists a command's options."""
 
 # Defaults of `hf-gam train` that differ from TrainingArguments': tuned for the embedded digits job, sensible for any.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -80,9 +61,9 @@ class RunArguments:
 def _parser():
     from transformers import HfArgumentParser
 
-    from .config import GAMConfig
-    from .data import DataArguments
-    from .flatness import FlatnessArguments
+    from ..trainer.config import GAMConfig
+    from ..data import DataArguments
+    from ..flatness import FlatnessArguments
     from .models import ModelArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, GAMConfig, FlatnessArguments),
@@ -143,7 +124,7 @@ def check_push(args) -> None:
 def _card_dataset_args(data, data_args) -> str | dict | None:
     """The model-index's dataset config (``--dataset_config``) or, when the classes come from a label column other
     than the dataset's default (``--cifar100_labels coarse``, ``--label_column``), loading arguments naming it."""
-    from .data import DATASETS
+    from ..data import DATASETS
 
     spec = DATASETS.get(data.name)
     default = spec.label_column if spec else "label"
@@ -164,12 +145,12 @@ def _eval_subset(data, seed: int) -> dict[str, str]:
 
 def train(model_args, data_args, run_args, args) -> dict[str, float]:
     """Load, train, evaluate, save (weights, config, image processor, metrics, model card) and optionally push."""
-    from .data import build_transforms, collate, load_image_data, with_transform
+    from ..data import build_transforms, collate, load_image_data, with_transform
     from .models import load_model, model_summary
-    from .trainer import GAMTrainer
+    from ..trainer import GAMTrainer
 
     check_push(args)
-    from .metrics import check_metrics, compute_metrics_fn, load_metrics
+    from ..metrics import check_metrics, compute_metrics_fn, load_metrics
 
     metric_modules = load_metrics(run_args.metrics)  # a bad name fails here, before any data
     with args.main_process_first(desc="loading the dataset"):
@@ -205,7 +186,7 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
     flat = None
     if run_args.flatness_at_end and trainer.is_world_process_zero():
-        from .flatness import run_flatness
+        from ..flatness import run_flatness
 
         batches = eval_batches(data.train, eval_tf, run_args.flatness_batches, args.per_device_train_batch_size)
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -235,8 +216,8 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
 
 def train_main(argv: list[str]) -> int:
-    from .data import DataError
-    from .metrics import MetricLoadError
+    from ..data import DataError
+    from ..metrics import MetricLoadError
     from .models import ModelLoadError
 
     try:
@@ -246,36 +227,3 @@ def train_main(argv: list[str]) -> int:
         print(f"hf-gam: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-gam`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    commands = {"train": train_main, "flatness": flatness_main}
-    if command not in commands:
-        print(f"{USAGE}\n\nhf-gam: error: unknown command {command!r}; choose from {', '.join(commands)}",
-              file=sys.stderr)
-        return 2
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    try:
-        status = commands[command](rest)
-    except SystemExit as exit_:  # argparse: --help (0) or a bad flag (2, message already printed)
-        status = exit_.code if isinstance(exit_.code, int) else 2
-    except BaseException:
-        end_process_group(wait=False)  # the other processes may be inside a collective: do not wait for them
-        raise
-    end_process_group(wait=True)
-    return status
-
-
-def console_main() -> None:
-    """The ``hf-gam`` console script: :func:`main`, then :func:`~hf_gam.cli_common.exit_process`."""
-    exit_process(main())
-
-
-if __name__ == "__main__":
-    console_main()

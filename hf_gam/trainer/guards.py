@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
-from .directions import MODES
+from ..core.directions import MODES
 
 __all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "uncompiled"]
 

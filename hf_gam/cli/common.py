@@ -69,7 +69,7 @@ def check_flatness_args(flat_args, **counts: int) -> None:
 def eval_batches(ds, transform, n: int, batch_size: int) -> list[dict]:
     from torch.utils.data import DataLoader
 
-    from .data import collate, with_transform
+    from ..data import collate, with_transform
 
     loader = DataLoader(with_transform(ds, transform), batch_size=batch_size, shuffle=False, collate_fn=collate)
     return [b for _, b in zip(range(n), loader)]

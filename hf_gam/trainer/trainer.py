@@ -2,7 +2,7 @@
 
 Overrides, and nothing else:
 
-- ``training_step``: runs the mode's passes (:mod:`hf_gam.passes`) and leaves the step's direction in ``p.grad``, so
+- ``training_step``: runs the mode's passes (:func:`hf_gam.core.step.apply_direction_step`) and leaves the step's direction in ``p.grad``, so
   the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
   ``gam_every`` are the stock ``Trainer.training_step``.
 - ``compute_loss``: classification and regression heads (single-label cross-entropy, multi-label BCE, regression MSE,
@@ -11,11 +11,11 @@ Overrides, and nothing else:
 - ``__init__``: plain ``TrainingArguments`` become a ``GAMConfig`` with the ``gam_*`` defaults.
 - ``floating_point_ops``: counts the passes the mode runs.
 - ``log``: adds the per-step figures (``gam/grad_norm``, ``gam/ascent_grad_norm``, ``gam/r1``).
-- ``create_model_card``: the GAM card (:mod:`hf_gam.card`), when that module is available.
+- ``create_model_card``: the GAM card (:mod:`hf_gam.trainer.card`), when that module is available.
 - ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
-  conversion (:mod:`hf_gam.checkpoints`).
+  conversion (:mod:`hf_gam.trainer.checkpoints`).
 
-What is converted or refused at construction lives in :mod:`hf_gam.guards`.
+What is converted or refused at construction lives in :mod:`hf_gam.trainer.guards`.
 """
 
 from __future__ import annotations
@@ -25,24 +25,17 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
 from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
-from .directions import MODES
+from ..core.directions import MODES
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
-from .passes import (
-    MicroBatchOracle,
-    WindowOracle,
-    accumulate_grads_,
-    all_reduce_,
-    loss_scale_of,
-    reached_on_any_process,
-    run_passes,
-)
+from ..core.collectives import all_reduce_, world_size
+from ..core.oracles import MicroBatchOracle, WindowOracle
+from ..core.step import apply_direction_step, loss_scale_of
 
 __all__ = ["GAMTrainer"]
 
@@ -167,37 +160,26 @@ class GAMTrainer(Trainer):
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
             return self._global_perturbation_step(model, params, inputs)
-        scale = self._loss_scale()
-        oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=scale,
+        oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=self._loss_scale(),
                                   pass_context=lambda: self.accelerator.no_sync(model))
         hyper = self._hyper()
-        d, stats = run_passes(hyper, params, oracle)
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
-        accumulate_grads_(params, d, weight * (scale or 1.0), oracle.reached)
-        if self.accelerator.sync_gradients and self.accelerator.num_processes > 1:
-            # every process all-reduces the same tensors: those with a gradient on any process
-            present = reached_on_any_process([p.grad is not None for p in params], params[0].device)
-            for p, r in zip(params, present):
-                if r and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            all_reduce_([p.grad for p, r in zip(params, present) if r], mean=True)
+        stats = apply_direction_step(hyper, params, oracle, weight=weight,
+                                     average_over_processes=self.accelerator.sync_gradients)
         self._record(stats, hyper)
         return (stats["loss"].double() * weight).to(self.args.device, torch.float32)
 
     def _global_perturbation_step(self, model: nn.Module, params: list[Tensor], inputs: dict[str, Any]) -> Tensor:
         """``gam_perturbation="global"``: keep the window's micro-batches; at its last one run every pass over all
-        of them on all processes (:class:`~hf_gam.passes.WindowOracle`) and set ``p.grad`` to the direction."""
+        of them on all processes (:class:`~hf_gam.core.oracles.WindowOracle`) and set ``p.grad`` to the direction."""
         self._gam_window.append(inputs)
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)
         window, self._gam_window = self._gam_window, []
-        scale = self._loss_scale()
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
-                              loss_scale=scale, pass_context=lambda: self.accelerator.no_sync(model))
+                              loss_scale=self._loss_scale(), pass_context=lambda: self.accelerator.no_sync(model))
         hyper = self._hyper()
-        d, stats = run_passes(hyper, params, oracle)
-        reached = reached_on_any_process(oracle.reached, params[0].device)
-        accumulate_grads_(params, d, torch.tensor(scale or 1.0, dtype=torch.float64), reached)
+        stats = apply_direction_step(hyper, params, oracle)
         self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
 
@@ -262,9 +244,9 @@ class GAMTrainer(Trainer):
         """Means of the recorded figures over all processes: ``[Σ, count]`` per key, summed by one all-reduce."""
         sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64) if self._gam_sums is None else self._gam_sums
         self._gam_sums = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             sums = sums.to(self.args.device)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            all_reduce_([sums])
         sums = sums.cpu()
         return {key: (sums[2 * i] / sums[2 * i + 1]).item() for i, key in enumerate(LOGGED) if sums[2 * i + 1] > 0}
 
@@ -275,7 +257,7 @@ class GAMTrainer(Trainer):
                           dataset_args: str | list[str] | None = None, *, results: dict | None = None,
                           label_noise: dict | None = None, extra: dict | None = None,
                           eval_split: str | None = None, flatness: dict | None = None) -> None:
-        """Write the GAM model card (:func:`hf_gam.card.render_model_card`: every ``gam_*`` value, optimizer and
+        """Write the GAM model card (:func:`hf_gam.trainer.card.render_model_card`: every ``gam_*`` value, optimizer and
         schedule, results as text and ``model-index``, the training-results table, versions, citation) to
         ``output_dir/README.md``; ``push_to_hub`` calls this, so a plain ``trainer.push_to_hub()`` gets the same
         card. The stock arguments keep their meaning (``dataset_tags``: Hub ids for the ``datasets`` metadata,

@@ -1,87 +1,30 @@
-"""The pass runner: turns "the loss of these inputs at the current weights" into the gradient oracles of
-:mod:`hf_gam.directions`, with everything a pass through a real model needs around it.
+"""Gradient oracles: "the loss of these inputs at the current weights" turned into the gradients and
+Hessian-vector products the direction functions of :mod:`hf_gam.core.directions` call, with everything a pass
+through a real model needs around it.
 
 - Exact HVP passes run under the SDPA math kernel (the fused kernels have no double backward), so ViT and Swin
   with their default attention work; gradients come from ``torch.autograd.grad`` (never
   ``backward(create_graph=True)``).
 - BatchNorm running statistics come from the clean (first) pass only: :class:`BatchNormGuard` snapshots them and puts
   them back, also when a pass raises.
-- Weights are restored bit-for-bit by the direction functions themselves (:func:`hf_gam.functional.weights_restored`).
+- Weights are restored bit-for-bit by the direction functions themselves
+  (:func:`hf_gam.core.functional.weights_restored`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from . import directions as D
-from . import functional as GF
-from .functional import second_order_context  # the one definition; importable from here too
+from .collectives import all_reduce_, world_size
+from .functional import hvp, second_order_context
 
 LossFn = Callable[[], Tensor]
 
-__all__ = ["accumulate_grads_", "all_reduce_", "loss_scale_of", "reached_on_any_process", "second_order_context", "BatchNormGuard", "WindowOracle", "MicroBatchOracle", "compute_direction", "run_passes"]
-
-
-def all_reduce_(tensors: list[Tensor], mean: bool = False) -> None:
-    """Sum (or average) ``tensors`` over all processes in place: one flattened collective per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_dtype[t.dtype].append(t)
-    for group in by_dtype.values():
-        flat = _flatten_dense_tensors(group)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        if mean:
-            flat /= dist.get_world_size()
-        for t, r in zip(group, _unflatten_dense_tensors(flat, group)):
-            t.copy_(r)
-
-
-def reached_on_any_process(reached: list[bool], device: torch.device) -> list[bool]:
-    """``reached`` or-ed over all processes (one tiny all-reduce in a multi-process run), so that every process
-    writes and all-reduces the gradients of the same parameters."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return list(reached)
-    flags = torch.tensor(reached, dtype=torch.int32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(f) for f in flags.tolist()]
-
-
-def accumulate_grads_(params: list[Tensor], d: list[Tensor], weight: Tensor | float, reached: list[bool]) -> None:
-    """``p.grad += weight * d`` for the parameters the loss ``reached`` (the others keep ``p.grad`` as it is, as
-    autograd leaves it: ``None`` means the optimizer skips them, no weight decay or momentum), keeping gradients
-    of earlier micro-batches of an accumulation window; ``d`` is consumed (its tensors may become the
-    gradients: no parameter-sized copy when the layouts match). A new ``p.grad`` gets
-    the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
-    one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
-    ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
-    with torch.no_grad():
-        torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
-        have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
-        if have:
-            torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
-        for i in [i for i, p in enumerate(params) if p.grad is None and reached[i]]:
-            p, di = params[i], d[i]
-            if di.dtype == p.dtype and di.stride() == p.stride():
-                p.grad = di
-            else:
-                p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
-
-
-def loss_scale_of(scaler, device: torch.device) -> float | None:
-    """A GradScaler's current scale ``S`` (every pass's gradient is of ``S·L``), or ``None`` without an enabled one.
-    The scaler creates its scale lazily in ``scale()``; ``unscale_`` and ``step`` need it, so it is created here."""
-    if scaler is None or not scaler.is_enabled():
-        return None
-    if scaler._scale is None:
-        scaler.scale(torch.ones((), device=device))
-    return float(scaler.get_scale())
+__all__ = ["BatchNormGuard", "WindowOracle", "MicroBatchOracle", "LossFn"]
 
 
 class BatchNormGuard:
@@ -134,7 +77,7 @@ class WindowOracle:
         self.batches = list(batches)
         self.loss_fn = loss_fn
         self.pass_context = pass_context
-        self.reduce = reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.reduce = reduce and world_size() > 1
         self.weights: list[Tensor] | None = None
         if self.reduce or len(self.batches) > 1:
             counts = torch.stack([torch.as_tensor(count_fn(b)).double().cpu() for b in self.batches])
@@ -219,7 +162,7 @@ class WindowOracle:
             with self.pass_context(), second_order_context():
                 loss, g = self._pass(self.batches[0], create_graph=True)
                 g_detached = self._unscale([x.detach() for x in g])
-                hv = self._unscale(GF.hvp(g, self.params, v_fn(g_detached)))
+                hv = self._unscale(hvp(g, self.params, v_fn(g_detached)))
                 del g
             self._after_call()
             return loss.detach(), g_detached, hv
@@ -230,7 +173,7 @@ class WindowOracle:
         for batch in self.batches:
             with self.pass_context(), second_order_context():
                 loss_i, g_i = self._pass(batch, create_graph=True)
-                hvs.append(GF.hvp(g_i, self.params, v))
+                hvs.append(hvp(g_i, self.params, v))
                 losses.append(loss_i.detach())
                 del g_i
         _, hv = self._combine(losses, hvs)
@@ -250,56 +193,3 @@ class MicroBatchOracle(WindowOracle):
                  pass_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         super().__init__(model, params, [None], lambda _: loss_fn(), reduce=False, loss_scale=loss_scale,
                          pass_context=pass_context)
-
-
-def compute_direction(hyper: D.GAMHyper, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Run ``hyper.mode``'s passes through ``oracle`` (its entry in :data:`hf_gam.directions.MODES`) and return
-    ``(d, stats)``."""
-    spec = D.MODES.get(hyper.mode)
-    if spec is None:
-        raise ValueError(f"gam_mode must be one of {', '.join(D.MODES)}; got {hyper.mode!r}")
-    return spec.direction(hyper, params, oracle)
-
-
-def run_passes(hyper: D.GAMHyper, params: Sequence[Tensor], oracle: WindowOracle,
-               ) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """:func:`compute_direction` with the step's safety rules, then the oracle's BatchNorm clean-up.
-
-    - A pass raises: weights are already restored (the direction functions), BatchNorm statistics go back to
-      their pre-step values, the exception propagates.
-    - Finiteness is read once per step (one host sync) from two norms the step has anyway: ‖g(θ)‖ of the clean
-      pass and ‖d‖ (a non-finite value in any later pass reaches ``d`` through the ascent points or the
-      combination).
-    - fp16 (``oracle.loss_scale`` set) and anything overflows: the direction is ``inf`` so the GradScaler skips
-      the whole step (and the scheduler with it) and lowers the scale; ``stats["overflow"] = 1``.
-    - Otherwise a non-finite perturbed pass: the step falls back to the clean gradient
-      (``stats["nonfinite_fallback"] = 1``); a non-finite clean pass: ``FloatingPointError`` naming it.
-    """
-    try:
-        d, stats = compute_direction(hyper, params, oracle)
-        d_norm = stats.pop("direction_norm", None)
-        clean_ok, all_ok = torch.stack([torch.isfinite(stats["grad_norm"]),
-                                        torch.isfinite(GF.global_norm(d) if d_norm is None else d_norm)]).tolist()
-    except BaseException:
-        oracle.close(failed=True)
-        raise
-    if clean_ok and all_ok:
-        oracle.close()
-        return d, stats
-    if oracle.loss_scale is not None:
-        oracle.close(failed=True)
-        d = [torch.zeros_like(p) for p in params]
-        d[0].fill_(float("inf"))
-        return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
-    if not clean_ok:
-        oracle.close(failed=True)
-        raise FloatingPointError(
-            f"gam_mode={hyper.mode!r}: the clean pass (pass 1, the gradient at the current weights) produced a "
-            "non-finite gradient; lower the learning rate or check the data")
-    try:
-        loss, d = oracle.grad()  # the clean gradient again, at the restored weights
-    except BaseException:
-        oracle.close(failed=True)
-        raise
-    oracle.close()
-    return d, {"loss": loss, "grad_norm": GF.global_norm(d), "nonfinite_fallback": torch.ones(())}

@@ -16,7 +16,7 @@ import numpy as np
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
-from .errors import DataError
+from ..errors import DataError
 from .sources import Source, load_all, repo_source, split_files  # noqa: F401 - split_files: public here too
 from .labels import label_values as _label_values
 from .labels import unify_labels

@@ -1,5 +1,5 @@
-"""The model card of a model trained with hf_gam: ``model_cards/gam_model_card.md`` (a Jinja template shipped in
-the package) rendered with ``huggingface_hub.ModelCard.from_template``.
+"""The model card of a model trained with hf_gam: ``hf_gam/model_cards/gam_model_card.md`` (a Jinja template
+shipped in the package) rendered with ``huggingface_hub.ModelCard.from_template``.
 
 The card records the base model, the dataset, the GAM mode and every ``gam_*`` value, the base optimizer and its
 schedule, label noise, the evaluation results (also as ``model-index`` entries, as transformers' own Trainer card
@@ -21,7 +21,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .formatting import format_value as _fmt
+from ..formatting import format_value as _fmt
 
 TEMPLATE_NAME = "gam_model_card.md"
 TAGS = ["gam", "sam", "image-classification", "hf-gam"]
@@ -39,13 +39,11 @@ __all__ = ["render_model_card", "template_path", "TAGS", "is_hub_id", "adapter_f
 
 
 def template_path() -> Path:
-    """The card template: inside the installed package (``hf_gam/model_cards/``, a wheel install) or, in a source
-    checkout / editable install, the repository's top-level ``model_cards/`` (one file, mapped into the wheel)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "model_cards" / TEMPLATE_NAME, here.parent / "model_cards" / TEMPLATE_NAME):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"hf_gam's model card template {TEMPLATE_NAME} is missing from {here / 'model_cards'}")
+    """The card template, shipped in the package as ``hf_gam/model_cards/`` (package data)."""
+    candidate = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"hf_gam's model card template is missing: {candidate}")
 
 
 def _noise_text(noise: Mapping[str, Any] | None) -> str:
@@ -184,7 +182,7 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
         adapter: :func:`adapter_facts` of a PEFT model: ``library_name: peft``, PEFT's tags, an adapter section.
         training_results: :func:`training_results_table` of the run's log history.
     """
-    from .directions import MODES
+    from ..core.directions import MODES
 
     results = {k: v for k, v in (results or {}).items() if _is_result(k)}
     extra = {**dict(extra or {}), "label noise": _noise_text(label_noise)}
@@ -219,6 +217,6 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
 def _flatness_section(flatness: Mapping[str, Any] | None, image_dir: str) -> str:
     if not flatness:
         return ""
-    from .flatness.report import flatness_markdown
+    from ..flatness.report import flatness_markdown
 
     return flatness_markdown(flatness, image_prefix=image_dir).replace("## Flatness", "### Flatness", 1)

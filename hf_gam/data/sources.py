@@ -11,7 +11,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = ["Source", "load_all", "repo_source", "split_files"]
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from .directions import MODES, GAMHyper
+from ..core.directions import MODES, GAMHyper
 
 # The choices come from the one mode registry (hf_gam.directions.MODES), and so do the mode-dependent defaults.
 GamMode = Literal[tuple(MODES)]
