@@ -97,14 +97,20 @@ def test_validate_yaml_checks_model_index_as_the_hub(local_hub, tmp_path):
 
 
 def test_injected_failures_and_tokens(local_hub, tmp_path):
+    """A commit that fails once: ``HfApi.create_commit`` posts it once and raises; ``upload_folder`` (hf_xet's
+    pipeline, installed here) retries it with backoff (honouring ``Retry-After``) and succeeds."""
+    from huggingface_hub import CommitOperationAdd
+
     api = HfApi()
     api.create_repo("me/x")
     local_hub.fail("POST", r"/commit/", status=500, times=1)
     with pytest.raises(HfHubHTTPError, match="local Hub failure injected") as err:
-        api.upload_folder(repo_id="me/x", folder_path=_folder(tmp_path))
+        api.create_commit("me/x", [CommitOperationAdd("a.txt", b"hello")], commit_message="once")
     assert err.value.response.status_code == 500
-    api.upload_folder(repo_id="me/x", folder_path=_folder(tmp_path))  # the injection is spent
-    assert [r.status for r in local_hub.seen("POST", "/commit/")] == [500, 200]
+    api.create_commit("me/x", [CommitOperationAdd("a.txt", b"hello")], commit_message="again")
+    local_hub.fail("POST", r"/commit/", status=503, times=1, retry_after=0)
+    api.upload_folder(repo_id="me/x", folder_path=_folder(tmp_path))
+    assert [r.status for r in local_hub.seen("POST", "/commit/")] == [500, 200, 503, 200]
     with pytest.raises(HfHubHTTPError) as err:
         HfApi(token="hf_wrong").upload_folder(repo_id="me/x", folder_path=_folder(tmp_path), commit_message="x")
     assert err.value.response.status_code == 401

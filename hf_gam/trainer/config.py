@@ -116,6 +116,13 @@ class GAMConfig(TrainingArguments):
         default=0.5, metadata={"help": "Lower end of the lr_proportional ρ schedule, as a fraction of each ρ."}
     )
 
+    def __getstate__(self) -> dict:
+        """Pickled without its tokens (``hub_token``): the Trainer writes ``training_args.bin`` into the output and
+        every checkpoint, and pushes them to the Hub; the stock ``TrainingArguments`` pickles the token in clear.
+        A copy made by pickling or ``copy`` has no token; this object keeps it."""
+        return {key: None if key.endswith("_token") and isinstance(value, str) else value
+                for key, value in self.__dict__.items()}
+
     def gam_hyper(self, lr: float | None = None, peak_lr: float | None = None) -> GAMHyper:
         """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate
         ``lr`` (:meth:`GAMHyper.at_learning_rate`): ``ρ_t = ρ (r + (1 - r) clip(lr / peak_lr, 0, 1))``,

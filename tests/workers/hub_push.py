@@ -15,7 +15,7 @@ import numpy as np
 from testing_utils import image_data, tiny_vit
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.cli_common import exit_process
+from hf_gam.cli.common import exit_process
 
 BASE = "me/tiny-vit-base"
 
