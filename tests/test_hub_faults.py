@@ -102,3 +102,15 @@ def test_base_model_is_a_hub_id_only_when_it_resolves(local_hub, tmp_path, monke
     n_requests = len(local_hub.requests)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert _card_base_model(tmp_path, on_hub) == "me/base" and len(local_hub.requests) == n_requests
+
+
+def test_missing_relative_model_folder_is_named_as_such(local_hub, tmp_path, capsys, monkeypatch):
+    """``--model outputs/x`` where ``outputs/`` exists but ``x`` does not: tried on the Hub (where it does not
+    resolve), and the error says the local folder is missing; exit 2 before training."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "y").mkdir(parents=True)
+    assert main(["train", "--model", "outputs/x", "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "could not load 'outputs/x'" in err and "no local folder 'outputs/x'" in err and "Traceback" not in err
+    assert local_hub.seen("GET", "/api/models/outputs/x") or local_hub.seen("HEAD", "/outputs/x/resolve/")
+    assert not (tmp_path / "o").exists()

@@ -3,7 +3,10 @@
 process group) and model loading (:mod:`~hf_gam.cli.models`).
 
 User errors (bad flags, unknown datasets, missing columns, unreadable models, a push that cannot succeed) are
-printed as one ``hf-gam: error: ...`` line with exit status 2, before anything is computed or written.
+printed as one ``hf-gam: error: ...`` line with exit status 2, before anything is computed or written. A push to
+the Hub that fails after training succeeded is one such line with exit status 3, naming the saved output folder,
+the repo and the ``hf upload`` command that pushes it later (:mod:`~hf_gam.cli.push`); the processes launched with
+it end with :func:`~hf_gam.cli.common.exit_process`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 trains a small ResNet with GAM (``gam_fast``, the default mode) on sklearn's digits (embedded, no download): ~98% test
 accuracy in well under a minute on two idle CPU cores.
 
-User errors are printed as one ``hf-gam: error: ...`` line with exit status 2 (:mod:`hf_gam.cli`).
+User errors are printed as one ``hf-gam: error: ...`` line with exit status 2, a push that fails after training with
+exit status 3 (:mod:`hf_gam.cli`, :mod:`hf_gam.cli.push`).
 """
 
 from __future__ import annotations
