@@ -4,14 +4,13 @@ saved output, the repo and the ``hf upload`` command that pushes it later, which
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
 
 import pytest
 import yaml
-from local_hub import TOKEN, local_hub, serving, validate_card_yaml  # noqa: F401 (fixture)
+from local_hub import TOKEN, serving, validate_card_yaml
 from test_hub_push import PUSH_FLAGS, hf_gam_env, run_hf_gam
 from testing_utils import image_data, tiny_vit
 

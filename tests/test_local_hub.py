@@ -11,7 +11,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from local_hub import TOKEN, git_blob_sha1, local_hub, validate_card_yaml  # noqa: F401 (fixture)
+from local_hub import TOKEN, git_blob_sha1, validate_card_yaml
 
 CARD = """---
 tags:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TypeVar
 
 __all__ = ["BackgroundPushes", "HubPushError", "describe_error", "is_transient", "push_retrying_once"]
 

@@ -33,7 +33,7 @@ from transformers.utils import logging
 
 from .config import GAMConfig
 from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
-from .hub import BackgroundPushes
+from .hub import BackgroundPushes, push_retrying_once
 from ..core.directions import MODES
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
 from ..core.collectives import all_reduce_, world_size
@@ -299,7 +299,6 @@ class GAMTrainer(Trainer):
         """``Trainer.push_to_hub`` (saves the model, writes the GAM card, uploads ``output_dir``), run once more
         after a transient failure; then :class:`~hf_gam.trainer.hub.HubPushError` if a ``hub_strategy`` push during
         training failed (:mod:`hf_gam.trainer.hub`)."""
-        from .hub import push_retrying_once
 
         def push():
             return super(GAMTrainer, self).push_to_hub(commit_message, blocking, token, revision, private,
