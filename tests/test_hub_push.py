@@ -121,3 +121,19 @@ def test_round_trip_from_the_hub_is_bit_exact(pushed):
     assert from_hub == from_disk
     downloads = pushed.hub.seen("GET", f"/{REPO_ID}/resolve/")
     assert any(r.path.endswith("/model.safetensors") and r.status == 200 for r in downloads)  # over HTTP
+
+
+def test_config_is_pickled_without_the_token(tmp_path):
+    """``training_args.bin`` (in the output and every checkpoint, pushed with them) holds no token; the live config
+    keeps it for the push itself."""
+    import io
+
+    from hf_gam import GAMConfig
+
+    args = GAMConfig(output_dir=str(tmp_path), hub_token=TOKEN, report_to="none")
+    buffer = io.BytesIO()
+    torch.save(args, buffer)
+    assert TOKEN.encode() not in buffer.getvalue() and args.hub_token == TOKEN
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert restored.hub_token is None and restored.gam_mode == args.gam_mode and restored.output_dir == str(tmp_path)

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 __all__ = ["BackgroundPushes", "HubPushError", "describe_error", "is_transient", "push_retrying_once"]
 
-logger = logging.getLogger("hf_gam.hub")
+logger = logging.getLogger(__name__)
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 RETRY_PAUSE_S = 2.0
 Result = TypeVar("Result")
