@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import CPU_BENCHES, machine_line, num_params  # noqa: E402
 
-from hf_gam import functional as GF  # noqa: E402
+from hf_gam.core import functional  # noqa: E402
 from hf_gam.core.functional import second_order_context# noqa: E402
 
 
@@ -46,7 +46,7 @@ def make_methods(model, batch):
         return F.cross_entropy(logits, y)
 
     def unit(v):
-        return torch._foreach_div(v, GF.global_norm(v))
+        return torch._foreach_div(v, functional.global_norm(v))
 
     def plain():
         loss = F.cross_entropy(model(x).logits, y)
@@ -57,7 +57,7 @@ def make_methods(model, batch):
             loss = F.cross_entropy(model(x).logits, y)
             g = torch.autograd.grad(loss, params, create_graph=True)
             gd = [t.detach() for t in g]
-            return gd, GF.hvp(g, params, unit(gd))
+            return gd, functional.hvp(g, params, unit(gd))
 
     def forward_over_reverse():
         g = plain()
@@ -95,7 +95,7 @@ def run(models, rounds, threads, warmup=2):
         flops = {k: count_flops(f) for k, f in methods.items()}
         _, hv_db = methods["double backward"]()
         _, hv_for = methods["forward-over-reverse"]()
-        rel = float(GF.global_norm(torch._foreach_sub(hv_db, hv_for)) / GF.global_norm(hv_db))
+        rel = float(functional.global_norm(torch._foreach_sub(hv_db, hv_for)) / functional.global_norm(hv_db))
         times = {k: [] for k in methods}
         labels = list(methods)
         for r in range(warmup + rounds):

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset_path", default=None, help="local copy in the Hub layout")
     p.add_argument("--model", default="tiny-resnet", help="Hub id, local directory, tiny-resnet, timm:<arch>")
     p.add_argument("--image_size", type=int, default=None, help="input size of built-in / timm: models")
-    p.add_argument("--gam_mode", default="gam", choices=list(MODES))
+    p.add_argument("--gam_mode", default="gam_fast", choices=list(MODES))
     p.add_argument("--gam_rho", type=float, default=None, help="default: the mode's (hf_gam.core.directions.MODES)")
     p.add_argument("--gam_alpha", type=float, default=None, help="default: the mode's")
     p.add_argument("--lr", type=float, default=2e-3)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,14 +32,6 @@ from .core.oracles import WindowOracle
 from .core.step import apply_direction_step, loss_scale_of
 
 __all__ = ["GAM", "SAM"]
-
-_HYPER_FIELDS = ("rho", "alpha", "sam_rho", "rho_prime", "beta", "gamma", "eps", "variant", "adaptive")
-
-
-def _check(name: str, value: Any, ok: Callable[[Any], bool], rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be {rule}; got {value!r}")
-
 
 class _ClosureOracle(WindowOracle):
     """The oracles of :mod:`hf_gam.core.oracles` over a user closure, in either style:
@@ -95,11 +86,13 @@ class GAM(Optimizer):
         params: the parameters (or param-group dicts) to optimize, as for any optimizer. With a base optimizer
             *instance* pass the same parameters (or ``None``).
         base_optimizer: an optimizer class (built here as ``base_optimizer(params, **kwargs)``) or an instance.
-        mode: ``"gam"`` (Algorithm 1, exact HVPs), ``"gam_fast"`` (Algorithm 2, four first-order passes), ``"sam"``,
-            ``"gam_sam"``, ``"gnp"`` or ``"none"`` (plain gradient: the base optimizer unchanged).
+        mode: ``"gam_fast"`` (the default, as ``GAMConfig``'s: Algorithm 2, four first-order passes), ``"gam"``
+            (Algorithm 1, exact HVPs), ``"sam"``, ``"gam_sam"``, ``"gnp"`` or ``"none"`` (plain gradient: the base
+            optimizer unchanged).
         rho, alpha, sam_rho, rho_prime, beta, gamma, eps, variant, adaptive: :class:`hf_gam.GAMHyper`'s fields
             (``GAMConfig``'s ``gam_*`` fields without the prefix); ``None`` takes the mode's default, the same as
-            ``GAMConfig``'s (``sam_rho`` defaults to ``rho``).
+            ``GAMConfig``'s (``sam_rho`` defaults to ``rho``). Every value is checked by :meth:`GAMHyper.check`
+            before anything runs; an error names the argument and the value.
         every: run the mode on steps ``t % every == 0`` (``t`` counts ``step`` calls from 0), the plain gradient
             otherwise (``gam_every``).
         rho_schedule: ``"constant"`` or ``"lr_proportional"``: every radius times ``r + (1-r)·lr/peak_lr`` (clipped
@@ -137,7 +130,7 @@ class GAM(Optimizer):
     """
 
     def __init__(self, params: Iterable | None, base_optimizer: type[Optimizer] | Optimizer = torch.optim.SGD, *,
-                 mode: str = "gam", rho: float | None = None, alpha: float | None = None,
+                 mode: str = "gam_fast", rho: float | None = None, alpha: float | None = None,
                  sam_rho: float | None = None, rho_prime: float | None = None, beta: float | None = None,
                  gamma: float | None = None, eps: float | None = None, variant: str | None = None,
                  adaptive: bool | None = None, every: int = 1, rho_schedule: str = "constant",
@@ -146,22 +139,8 @@ class GAM(Optimizer):
                  perturbation: str = "local", **kwargs: Any):
         self.hyper = GAMHyper.for_mode(mode, rho=rho, alpha=alpha, sam_rho=sam_rho, rho_prime=rho_prime, beta=beta,
                                      gamma=gamma, eps=eps, variant=variant, adaptive=adaptive)
-        for name in ("rho", "sam_rho", "rho_prime", "gamma", "eps", "alpha"):
-            _check(name, getattr(self.hyper, name), lambda v: v >= 0, "a finite number >= 0")
-        _check("beta", self.hyper.beta, lambda v: 0 <= v <= 1, "in [0, 1]")
-        if mode == "gam_fast":
-            _check("alpha", self.hyper.alpha, lambda v: 0 <= v <= 1, "in [0, 1] for gam_fast (paper Eq. 44)")
-        _check("rho_min_ratio", rho_min_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
-        if max_grad_norm is not None:
-            _check("max_grad_norm", max_grad_norm, lambda v: v > 0, "a finite number > 0 (or None)")
-        if self.hyper.variant not in ("paper", "official"):
-            raise ValueError(f"variant must be one of paper, official; got {self.hyper.variant!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1; got {every!r}")
-        if rho_schedule not in ("constant", "lr_proportional"):
-            raise ValueError(f"rho_schedule must be one of constant, lr_proportional; got {rho_schedule!r}")
-        if perturbation not in ("local", "global"):
-            raise ValueError(f"perturbation must be one of local, global; got {perturbation!r}")
+        GAMHyper.check(every=every, rho_schedule=rho_schedule, rho_min_ratio=rho_min_ratio,
+                       perturbation=perturbation, max_grad_norm=max_grad_norm)
         if isinstance(base_optimizer, Optimizer):
             if kwargs:
                 raise TypeError(f"GAM: base optimizer arguments {sorted(kwargs)} given with a base optimizer "

@@ -111,9 +111,9 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_graph_sees_known_edges():
     """The checker itself: relative, absolute, ``from . import module`` and function-level imports are edges."""
     graph = import_graph()
-    assert "hf_gam.core.functional" in graph["hf_gam.core.directions"]  # from . import functional as GF
+    assert "hf_gam.core.functional" in graph["hf_gam.core.directions"]  # from . import functional
     assert "hf_gam.flatness._objective" in graph["hf_gam.flatness.measures"]  # from ._objective import ...
-    assert "hf_gam.core.functional" in graph["hf_gam.flatness._objective"]  # from .. import functional as GF
+    assert "hf_gam.core.functional" in graph["hf_gam.flatness._objective"]  # from ..core import functional
     assert "hf_gam.trainer" in graph["hf_gam.cli.train"]  # inside a function
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
@@ -182,6 +182,29 @@ def test_shared_machinery_is_defined_once():
     assert defined["world_size"] == ["hf_gam.core.collectives"]
     asked = sorted({_module_name(p) for p in PACKAGE.rglob("*.py") if "get_world_size(" in p.read_text()})
     assert asked == ["hf_gam.core.collectives"], f"world size asked outside hf_gam.core.collectives: {asked}"
+
+
+def test_user_errors_have_one_base_caught_once():
+    """Every user-error class of the package derives from hf_gam.errors.UserError (only UserError itself subclasses
+    ValueError directly), and the command line catches user errors in one place, by that base."""
+    direct, handlers = [], []
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and "ValueError" in {_name(b) for b in node.bases}:
+                direct.append(f"{module}.{node.name}")
+            if isinstance(node, ast.ExceptHandler) and node.type is not None and module.startswith("hf_gam.cli"):
+                caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+                names = {_name(c) for c in caught}
+                if names & {"UserError", "UsageError", "DataError", "ModelLoadError", "MetricLoadError",
+                            "CheckpointMismatchError"}:
+                    handlers.append((module, sorted(names)))
+    assert direct == ["hf_gam.errors.UserError"], f"user errors not derived from UserError: {direct}"
+    assert handlers == [("hf_gam.cli", ["UserError"])], handlers
+
+
+def _name(node: ast.AST) -> str:
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
 
 
 def _is_vjp(node: ast.AST) -> bool:

@@ -221,6 +221,19 @@ def test_unreadable_model(tmp_path, capsys, hub_copies):
            tmp_path / "o", capsys, "model:", "nope")
 
 
+def test_resume_from_a_checkpoint_of_another_model(tmp_path, capsys):
+    """A checkpoint whose tensors do not fit the model (CheckpointMismatchError, a UserError like every other
+    one the command reports) is one error line naming the checkpoint, exit status 2, no traceback."""
+    from testing_utils import tiny_vit
+
+    tiny_vit(seed=0).save_pretrained(tmp_path / "ckpt")
+    assert main(["train", "--max_steps", "1", "--per_device_train_batch_size", "4", "--disable_tqdm", "true",
+                 "--save_strategy", "no", "--resume_from_checkpoint", str(tmp_path / "ckpt"),
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"hf-gam: error: checkpoint {tmp_path / 'ckpt'} does not hold" in err
+
+
 def test_bad_values(tmp_path, capsys):
     _fails(["--gam_rho", "-1"], tmp_path / "o", capsys, "gam_rho", "-1")
     _fails(["--label_noise", "2"], tmp_path / "o", capsys, "label_noise")

@@ -1,5 +1,5 @@
-"""Acceptance of issue 10: a user's script that builds its own `TrainingArguments` and changes only `Trainer` to
-`GAMTrainer` trains with GAM (the default `gam_fast`).
+"""A user's script that builds its own `TrainingArguments` and changes only `Trainer` to `GAMTrainer` trains with GAM
+(the default `gam_fast`).
 
 `scripts/run_image_classification.py` follows transformers' example script of the same name (HfArgumentParser over
 its own dataclasses and `TrainingArguments`, `AutoImageProcessor`, torchvision transforms, `Trainer(...,

@@ -16,7 +16,7 @@ from testing_utils import VIT_8PX, LossMLP, assert_unchanged, snapshot, tiny_vit
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_gam import flatness as FL
-from hf_gam.flatness import defaults as D
+from hf_gam.flatness import defaults
 from hf_gam.flatness import (DEFAULT_SETTINGS, FlatnessArguments, FlatnessCallback, flatness_markdown,
                              run_flatness)
 
@@ -101,29 +101,29 @@ def test_defaults_are_written_once():
     measures = (FL.hessian_eigenvalues, FL.hessian_trace, FL.first_order_flatness, FL.zeroth_order_flatness,
                 FL.loss_landscape, FlatnessCallback)
     checks = [  # (the value in defaults.py, the values every front end uses)
-        (D.TOL, [default(FL.hessian_eigenvalues, "tol"), args.flatness_tol, DEFAULT_SETTINGS["tol"]]),
-        (D.MAX_ITER, [default(FL.hessian_eigenvalues, "max_iter"), args.flatness_max_iter,
+        (defaults.TOL, [default(FL.hessian_eigenvalues, "tol"), args.flatness_tol, DEFAULT_SETTINGS["tol"]]),
+        (defaults.MAX_ITER, [default(FL.hessian_eigenvalues, "max_iter"), args.flatness_max_iter,
                       DEFAULT_SETTINGS["max_iter"]]),
-        (D.METHOD, [default(FL.hessian_eigenvalues, "method"), args.flatness_method, DEFAULT_SETTINGS["method"]]),
-        (D.NUM_SAMPLES, [default(FL.hessian_trace, "num_samples"), args.flatness_num_samples,
+        (defaults.METHOD, [default(FL.hessian_eigenvalues, "method"), args.flatness_method, DEFAULT_SETTINGS["method"]]),
+        (defaults.NUM_SAMPLES, [default(FL.hessian_trace, "num_samples"), args.flatness_num_samples,
                          DEFAULT_SETTINGS["num_samples"]]),
-        (D.NUM_STEPS, [default(FL.first_order_flatness, "num_steps"), default(FL.zeroth_order_flatness, "num_steps"),
+        (defaults.NUM_STEPS, [default(FL.first_order_flatness, "num_steps"), default(FL.zeroth_order_flatness, "num_steps"),
                        args.flatness_num_steps, DEFAULT_SETTINGS["num_steps"]]),
-        (D.RHO, [args.flatness_rho, DEFAULT_SETTINGS["rho"], default(FlatnessCallback, "rho")]),
-        (D.LANDSCAPE_RESOLUTION, [default(FL.loss_landscape, "resolution"), args.flatness_landscape_resolution,
+        (defaults.RHO, [args.flatness_rho, DEFAULT_SETTINGS["rho"], default(FlatnessCallback, "rho")]),
+        (defaults.LANDSCAPE_RESOLUTION, [default(FL.loss_landscape, "resolution"), args.flatness_landscape_resolution,
                                   DEFAULT_SETTINGS["landscape_resolution"]]),
-        (D.LANDSCAPE_SPAN, [default(FL.loss_landscape, "span"), args.flatness_landscape_span,
+        (defaults.LANDSCAPE_SPAN, [default(FL.loss_landscape, "span"), args.flatness_landscape_span,
                             DEFAULT_SETTINGS["landscape_span"]]),
-        (D.REPORT_TOP_K, [args.flatness_top_k, DEFAULT_SETTINGS["k"]]),
-        (D.SEED, [default(fn, "seed") for fn in measures] + [args.flatness_seed, DEFAULT_SETTINGS["seed"]]),
-        (D.TRAIN_MODE, [default(fn, "train_mode") for fn in measures]
+        (defaults.REPORT_TOP_K, [args.flatness_top_k, DEFAULT_SETTINGS["k"]]),
+        (defaults.SEED, [default(fn, "seed") for fn in measures] + [args.flatness_seed, DEFAULT_SETTINGS["seed"]]),
+        (defaults.TRAIN_MODE, [default(fn, "train_mode") for fn in measures]
          + [args.flatness_train_mode, DEFAULT_SETTINGS["train_mode"]]),
     ]
     for value, used in checks:
         assert all(u == value and type(u) is type(value) for u in used), (value, used)
     cb = FlatnessCallback()
-    assert (cb.max_iter, cb.num_samples, cb.num_steps, cb.rho) == (D.CALLBACK_MAX_ITER, D.CALLBACK_NUM_SAMPLES,
-                                                                   D.CALLBACK_NUM_STEPS, D.RHO)
+    assert (cb.max_iter, cb.num_samples, cb.num_steps, cb.rho) == (defaults.CALLBACK_MAX_ITER, defaults.CALLBACK_NUM_SAMPLES,
+                                                                   defaults.CALLBACK_NUM_STEPS, defaults.RHO)
 
 
 def test_plots_name_the_empty_input(tmp_path):

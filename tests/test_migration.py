@@ -1,6 +1,6 @@
-"""The README's migration snippets ("after" halves, verbatim between the README markers) run here, and one step of
-each equals the float64 reference of the rule the "before" code computes, with the argument mapping of the README
-tables: davda54/sam's SAM -> mode "sam"; the released GAM code's GAM (https://github.com/xxgege/GAM, gam/gam.py)
+"""The migration snippets of docs/migration.md ("after" halves, verbatim between the markers) run here, and one step
+of each equals the float64 reference of the rule the "before" code computes, with the argument mapping of that
+page's tables: davda54/sam's SAM -> mode "sam"; the released GAM code's GAM (https://github.com/xxgege/GAM, gam/gam.py)
 -> mode "gam_fast", variant "official", grad_rho -> rho_prime, grad_norm_rho -> rho, grad_beta_0 -> beta,
 grad_beta_1 -> alpha, grad_gamma -> gamma, ProportionScheduler -> rho_schedule="lr_proportional"."""
 
@@ -18,7 +18,7 @@ from reference import direction, flat_params, loss_of
 
 
 def sam_after(model, loader, loss_fn):
-    # README: from davda54/sam (after)
+    # docs/migration.md: from davda54/sam (after)
     import torch
     from hf_gam.optim import SAM
 
@@ -27,12 +27,12 @@ def sam_after(model, loader, loss_fn):
     for x, y in loader:
         loss = optimizer.step(lambda: loss_fn(model(x), y))  # every pass: forward + loss, no backward
         optimizer.zero_grad()
-    # README end
+    # docs/migration.md end
     return optimizer
 
 
 def gam_after(model, loader, loss_fn, epochs=1):
-    # README: from the released GAM code (after)
+    # docs/migration.md: from the released GAM code (after)
     import torch
     from hf_gam.optim import GAM
 
@@ -46,7 +46,7 @@ def gam_after(model, loader, loss_fn, epochs=1):
             loss = optimizer.step(lambda: loss_fn(model(x), y))
             optimizer.zero_grad()
         lr_scheduler.step()
-    # README end
+    # docs/migration.md end
     return optimizer
 
 
@@ -93,14 +93,14 @@ class _Logits(torch.nn.Module):
 def _snippets() -> dict[str, str]:
     src = inspect.getsource(inspect.getmodule(_snippets))
     return {m.group(1): textwrap.dedent(m.group(2)).strip()
-            for m in re.finditer(r"    # README: (.*?)\n(.*?)    # README end", src, re.S)}
+            for m in re.finditer(r"    # docs/migration.md: (.*?)\n(.*?)    # docs/migration.md end", src, re.S)}
 
 
-def test_readme_shows_the_tested_snippets():
-    """The README's migration section shows these functions' "after" code, verbatim."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "## Coming from davda54/sam or the released GAM code" in readme
+def test_migration_page_shows_the_tested_snippets():
+    """docs/migration.md shows these functions' "after" code, verbatim."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "migration.md").read_text()
+    assert "# Coming from davda54/sam or the released GAM code" in page
     snippets = _snippets()
     assert set(snippets) == {"from davda54/sam (after)", "from the released GAM code (after)"}
     for name, code in snippets.items():
-        assert code in readme, f"README's {name!r} snippet differs from tests/test_migration.py"
+        assert code in page, f"docs/migration.md's {name!r} snippet differs from tests/test_migration.py"

@@ -11,7 +11,7 @@ from reference import flat_params, grad, loss_of
 from transformers import Trainer
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam import functional as GF
+from hf_gam.core import functional
 from hf_gam.core.directions import MODES, GAMHyper, ModeSpec
 from hf_gam.core.oracles import MicroBatchOracle
 from hf_gam.core.step import compute_direction
@@ -47,7 +47,7 @@ def test_registry_facts_match_what_the_mode_runs(mode):
     assert spec.passes == spec.grad_calls + 3 * spec.hvp_calls and spec.hvp == (spec.hvp_calls > 0)
     if spec.norm_ascent:
         assert "ascent_grad_norm" in stats
-    assert len(d) == len(params) and torch.isfinite(GF.global_norm(d))
+    assert len(d) == len(params) and torch.isfinite(functional.global_norm(d))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -78,7 +78,7 @@ def _fake_direction(h, params, oracle):
     """A made-up mode: three gradient passes, d = α g, and an ascent norm to log."""
     for _ in range(3):
         loss, g = oracle.grad()
-    norm = GF.global_norm(g)
+    norm = functional.global_norm(g)
     return torch._foreach_mul(g, h.alpha), {"loss": loss, "grad_norm": norm, "ascent_grad_norm": norm}
 
 
@@ -111,3 +111,28 @@ def test_one_registry_entry_is_a_whole_mode(tmp_path, fake_mode):
     assert "gam/r1" in trainer._gam_means()  # norm_ascent: ρ ‖g at the ascent point‖ is logged
     plain = Trainer.floating_point_ops(trainer, batch)
     assert trainer.floating_point_ops(batch) == fake_mode.passes * plain == 3 * plain
+
+
+def test_alpha_bound_comes_from_the_registry_in_every_front_end(tmp_path, fake_mode):
+    """One check, reading the new entry's ``alpha_max``, refuses α = 0.95 for the Trainer's config, the optimizer
+    wrapper and GAMHyper alike, each error in its caller's spelling; α = 0.9 is accepted by all three."""
+    from hf_gam.optim import GAM
+
+    with pytest.raises(ValueError, match=r"^gam_alpha must be in \[0, 0.9\] for gam_mode='fake'; got 0.95$"):
+        config(tmp_path, gam_mode="fake", gam_alpha=0.95)
+    with pytest.raises(ValueError, match=r"^alpha must be in \[0, 0.9\] for mode='fake'; got 0.95$"):
+        GAM(tiny_model().parameters(), torch.optim.SGD, mode="fake", alpha=0.95, lr=0.1)
+    with pytest.raises(ValueError, match=r"^alpha must be in \[0, 0.9\]"):
+        GAMHyper(mode="fake", alpha=0.95)
+    assert config(tmp_path, gam_mode="fake", gam_alpha=0.9).gam_alpha == 0.9
+    assert GAM(tiny_model().parameters(), torch.optim.SGD, mode="fake", alpha=0.9, lr=0.1).hyper.alpha == 0.9
+    assert GAMHyper(mode="fake", alpha=0.9).alpha == 0.9
+
+
+def test_every_mode_defaults_to_gam_fast():
+    """The config, the optimizer wrapper and GAMHyper share one default mode."""
+    from hf_gam.optim import GAM
+
+    assert GAMConfig(output_dir="unused").gam_mode == "gam_fast"
+    assert GAM(tiny_model().parameters(), torch.optim.SGD, lr=0.1).hyper.mode == "gam_fast"
+    assert GAMHyper().mode == "gam_fast" and GAMHyper().alpha == MODES["gam_fast"].defaults["alpha"]

@@ -1,9 +1,11 @@
 """hf_gam.optim.GAM / SAM: one step of every mode equals the float64 reference (tests/reference.py), the same batches
 give the same weights as GAMTrainer, failures leave the weights bit-identical, state_dict round trip, every, the ρ
-schedule, fp16 GradScaler overflow skip, clipping, param groups, schedulers, and two torchrun processes."""
+schedule, fp16 GradScaler overflow skip, clipping, param groups, schedulers, BatchNorm statistics from the clean pass,
+and two torchrun processes. (The gradient's memory format: test_grad_memory_format.py.)"""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from testing_utils import tiny_data, tiny_model
 from reference import direction, flat_params, loss_of
 
 from hf_gam import GAMConfig, GAMTrainer
+from hf_gam.core.directions import MODES
 from hf_gam.optim import GAM, SAM
 
 HERE = os.path.dirname(__file__)
@@ -188,6 +191,21 @@ def test_same_batches_same_weights_as_gam_trainer(tmp_path):
         opt.step(graph_closure(model, b))
         sched.step()
     torch.testing.assert_close(flat_params(model), flat_params(trainer.model), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "none"])
+def test_batchnorm_statistics_come_from_the_clean_pass_only(mode):
+    """With ``model=``, a step leaves the BatchNorm running statistics of one train-mode forward at the clean
+    weights: the perturbed passes' updates are undone."""
+    model, batch = tiny_model(batchnorm=True), batch_of(tiny_data())
+    clean = copy.deepcopy(model).train()
+    with torch.no_grad():
+        clean(batch["pixel_values"])
+    opt = GAM(model.parameters(), torch.optim.SGD, lr=0.5, mode=mode, model=model, **HP)
+    opt.step(graph_closure(model, batch))
+    buffers = dict(model.named_buffers())
+    for name, buffer in clean.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
 
 
 def test_failing_closure_leaves_weights_bit_identical():

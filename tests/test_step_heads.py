@@ -1,4 +1,4 @@
-"""Every head's step is the gradient of the window's mean loss (issue 10 item 3, issue 11 item 5).
+"""Every head's step is the gradient of the window's mean loss.
 
 Single-label, single-label with ignore index -100, multi-label (float labels, BCE) and regression (MSE): `gam` with
 α = 0 and `sam` with ρs = 0 (both reduce to the plain gradient), `local` and `global` perturbation, gradient accumulation 2

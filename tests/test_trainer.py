@@ -515,3 +515,14 @@ def test_logged_rho_of_sam_is_its_own_radius(tmp_path):
     for h in logs:  # ρs_t = ρs (r + (1 - r) lr_t / lr), lr_t = lr (1 - t/3) at step t = h["step"] - 1
         assert h["gam/rho"] == pytest.approx(0.5 * (r + (1 - r) * (1 - (h["step"] - 1) / 3)), rel=1e-9)
     assert len({h["gam/rho"] for h in logs}) == 3
+
+
+def test_docstring_names_every_override():
+    """The module docstring's list of overrides is complete: every Trainer method GAMTrainer redefines is named."""
+    import hf_gam.trainer.trainer as module
+    from transformers import Trainer
+
+    overrides = sorted(name for name in vars(GAMTrainer) if callable(getattr(Trainer, name, None)))
+    assert "training_step" in overrides and "_load_best_model" in overrides
+    missing = [name for name in overrides if f"``{name}``" not in module.__doc__]
+    assert not missing, f"overrides missing from hf_gam.trainer.trainer's docstring: {missing}"

@@ -196,6 +196,27 @@ def image_data(n=8, size=16, seed=1, dtype=torch.float32):
     return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
 
 
+def memory_format_collator(memory_format):
+    """Stack rows into a batch whose ``pixel_values`` are in ``memory_format``."""
+    def collate(features):
+        x = torch.stack([f["pixel_values"] for f in features]).contiguous(memory_format=memory_format)
+        return {"pixel_values": x, "labels": torch.stack([f["labels"] for f in features])}
+    return collate
+
+
+def train_tiny_conv(tmp_path, mode, memory_format=torch.contiguous_format, dtype=torch.float64, **kw):
+    """Three fused-AdamW steps of GAMTrainer on :func:`tiny_conv` (accumulation 2), inputs in ``memory_format``:
+    ``(weights after, trainer)``."""
+    model = tiny_conv(dtype=dtype)
+    args = GAMConfig(output_dir=str(tmp_path), gam_mode=mode, optim="adamw_torch_fused", learning_rate=0.05,
+                     per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=3, report_to="none",
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0, **kw)
+    trainer = GAMTrainer(model=model, args=args, train_dataset=image_data(32, size=6, dtype=dtype),
+                         data_collator=memory_format_collator(memory_format))
+    trainer.train()
+    return [p.detach().clone() for p in model.parameters()], trainer
+
+
 def params_of(model):
     return [p.detach().clone() for p in model.parameters()]
 

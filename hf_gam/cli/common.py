@@ -6,13 +6,15 @@ import json
 import os
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = ["CONFIG_SUFFIXES", "UsageError", "check_flatness_args", "config_to_argv", "end_process_group",
            "eval_batches", "exit_process", "read_config_file"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A user error of the CLI itself (flag combinations, config files, push preconditions)."""
 
 

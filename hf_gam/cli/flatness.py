@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
+from .common import CONFIG_SUFFIXES, check_flatness_args, config_to_argv, eval_batches, read_config_file
 from ..flatness import defaults as flatness_defaults
 
 __all__ = ["FlatnessRunArguments", "flatness_main"]
@@ -28,33 +27,29 @@ def flatness_main(argv: list[str]) -> int:
     """``hf-gam flatness --model DIR --dataset NAME [--compare DIR2] [--flatness_* ...]``."""
     from transformers import HfArgumentParser
 
-    from ..data import DataArguments, DataError, build_transforms, load_image_data
+    from ..data import DataArguments, build_transforms, load_image_data
     from ..flatness import FlatnessArguments, run_flatness
-    from .models import ModelArguments, ModelLoadError, load_trained_model
+    from .models import ModelArguments, load_trained_model
 
     parser = HfArgumentParser((ModelArguments, DataArguments, FlatnessRunArguments, FlatnessArguments),
                               prog="hf-gam flatness", description="Flatness of a trained image classifier.")
-    try:
-        if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-            argv = config_to_argv(read_config_file(argv[0]), parser, argv[0])
-        model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
-        check_flatness_args(fa, flatness_batches=run.flatness_batches, batch_size=run.batch_size)
-        data = load_image_data(data_args)
-        measured = data.train if run.split == "train" else data.eval
-        # each model as saved (its own head and classes) on the batches its own image processor makes
-        loaded = load_trained_model(model_args, data.class_names, default_image_size=data.image_size)
-        batches = eval_batches(measured, build_transforms(loaded.processor, "none")[1], run.flatness_batches,
-                                run.batch_size)
-        compare = compare_batches = None
-        if fa.flatness_compare:
-            other = load_trained_model(ModelArguments(model=fa.flatness_compare, image_size=model_args.image_size),
-                                       data.class_names, default_image_size=data.image_size)
-            compare = other.model
-            compare_batches = eval_batches(measured, build_transforms(other.processor, "none")[1],
-                                            run.flatness_batches, run.batch_size)
-    except (UsageError, DataError, ModelLoadError) as err:
-        print(f"hf-gam: error: {err}", file=sys.stderr)
-        return 2
+    if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        argv = config_to_argv(read_config_file(argv[0]), parser, argv[0])
+    model_args, data_args, run, fa = parser.parse_args_into_dataclasses(argv)
+    check_flatness_args(fa, flatness_batches=run.flatness_batches, batch_size=run.batch_size)
+    data = load_image_data(data_args)
+    measured = data.train if run.split == "train" else data.eval
+    # each model as saved (its own head and classes) on the batches its own image processor makes
+    loaded = load_trained_model(model_args, data.class_names, default_image_size=data.image_size)
+    batches = eval_batches(measured, build_transforms(loaded.processor, "none")[1], run.flatness_batches,
+                           run.batch_size)
+    compare = compare_batches = None
+    if fa.flatness_compare:
+        other = load_trained_model(ModelArguments(model=fa.flatness_compare, image_size=model_args.image_size),
+                                   data.class_names, default_image_size=data.image_size)
+        compare = other.model
+        compare_batches = eval_batches(measured, build_transforms(other.processor, "none")[1],
+                                       run.flatness_batches, run.batch_size)
     settings = fa.to_settings()
     settings.setdefault("name", os.path.basename(os.path.normpath(model_args.model)))
     if compare is not None:

@@ -17,12 +17,14 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageClass
                           PreTrainedModel, ResNetConfig, ResNetForImageClassification, ViTConfig,
                           ViTForImageClassification, ViTImageProcessor)
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model argument that cannot be used (a user error, reported without traceback)."""
 
 

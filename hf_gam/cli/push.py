@@ -3,7 +3,7 @@
 Before training (exit status 2, nothing computed or written): ``hub_model_id`` must be a valid repo id, the Hub must
 be reachable (not ``HF_HUB_OFFLINE``), a token must exist and the Hub must accept it. After training, the push is
 ``GAMTrainer.push_to_hub`` (the model, its processor, the card; retried once after a transient failure; failed
-``hub_strategy`` pushes raise). When it fails for good, :class:`~hf_gam.trainer.hub.HubPushError` carries one line:
+``hub_strategy`` pushes raise). When it fails for good, :class:`~hf_gam.errors.HubPushError` carries one line:
 the cause, the saved output folder, the repo, and the ``hf upload`` command that pushes it later (exit status 3).
 """
 
@@ -67,7 +67,8 @@ def upload_command(repo_id: str, output_dir: str) -> str:
 def push_trained(trainer: Any, card: dict[str, Any]) -> None:
     """The final push (``GAMTrainer.push_to_hub`` with the run's card); a failure becomes one
     :class:`HubPushError` line naming the saved output, the repo and the command that pushes it later."""
-    from ..trainer.hub import HubPushError, describe_error
+    from ..errors import HubPushError
+    from ..trainer.hub import describe_error
 
     args = trainer.args
     try:

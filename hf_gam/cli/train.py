@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..flatness import defaults as flatness_defaults
+from ..metrics import DEFAULT_METRICS
 from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
 from .push import check_push, push_trained
 
@@ -53,7 +53,7 @@ class RunArguments:
         "OUTPUT_DIR/flatness.")})
     flatness_batches: int = field(default=flatness_defaults.NUM_BATCHES, metadata={
         "help": "Batches measured by flatness (train batch size)."})
-    metrics: list[str] = field(default_factory=lambda: ["accuracy", "top_k_accuracy"], metadata={"help": (
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS), metadata={"help": (
         "Evaluation metrics, as `evaluate` modules: the shipped accuracy and top_k_accuracy (top-5; offline), "
         "Hub module names (e.g. f1, matthews_correlation: online or cached) or paths to module scripts; "
         "NAME:key=value,... passes arguments to compute (f1:average=macro, top_k_accuracy:k=3). Results go to "
@@ -200,18 +200,7 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
 
 def train_main(argv: list[str]) -> int:
-    from ..data import DataError
-    from ..metrics import MetricLoadError
-    from ..trainer.hub import HubPushError
-    from .models import ModelLoadError
-
-    try:
-        model_args, data_args, run_args, args = parse_train_args(argv)
-        train(model_args, data_args, run_args, args)
-    except (UsageError, DataError, ModelLoadError, MetricLoadError) as err:
-        print(f"hf-gam: error: {err}", file=sys.stderr)
-        return 2
-    except HubPushError as err:  # training succeeded, the push did not: the line says how to push later
-        print(f"hf-gam: error: {err}", file=sys.stderr)
-        return 3
+    """``hf-gam train [flags | config.yaml]``; user errors propagate to :func:`hf_gam.cli.main`."""
+    model_args, data_args, run_args, args = parse_train_args(argv)
+    train(model_args, data_args, run_args, args)
     return 0

@@ -35,19 +35,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from . import functional as GF
+from . import functional
 
 GradFn = Callable[[], tuple[Tensor, list[Tensor]]]
 GradHvpFn = Callable[[Callable[[list[Tensor]], list[Tensor]]], tuple[Tensor, list[Tensor], list[Tensor]]]
 
 __all__ = ["plain_direction", "sam_direction", "gnp_direction", "gam_direction", "gam_fast_direction", "MODES",
            "ModeSpec", "GAMHyper", "Oracle"]
+
+
+# Choices of the settings every mode shares (GAMConfig's Literal types read them too).
+VARIANTS = ("paper", "official")
+PERTURBATIONS = ("local", "global")
+RHO_SCHEDULES = ("constant", "lr_proportional")
+_AT_LEAST_0 = (lambda v: v >= 0, "a finite number >= 0")
+_UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# name -> (test, rule) of the numeric settings but ``alpha`` (its bound is the mode's ``alpha_max``)
+_NUMBERS = {"rho": _AT_LEAST_0, "sam_rho": _AT_LEAST_0, "rho_prime": _AT_LEAST_0, "gamma": _AT_LEAST_0,
+            "eps": _AT_LEAST_0, "beta": _UNIT, "rho_min_ratio": _UNIT,
+            "max_grad_norm": (lambda v: v > 0, "a finite number > 0 (or None)")}
+_CHOICES = {"variant": VARIANTS, "perturbation": PERTURBATIONS, "rho_schedule": RHO_SCHEDULES}
+_NONE_MEANS_DEFAULT = ("rho", "alpha", "sam_rho", "max_grad_norm")  # None: the mode's default (clipping: off)
 
 
 @dataclass(frozen=True)
@@ -57,9 +71,9 @@ class GAMHyper:
     ρ', ``beta`` β, ``gamma`` γ, ``eps`` ξ; ``variant`` is Algorithm 2's ``h-`` rule; ``adaptive`` ASAM steps.
 
     ``rho`` and ``alpha`` left at ``None`` take the mode's defaults (``MODES[mode].defaults``, the same the config
-    takes); ``sam_rho`` left at ``None`` equals ``rho``. An unknown ``mode`` raises ``ValueError``."""
+    takes); ``sam_rho`` left at ``None`` equals ``rho``. Every value is checked (:meth:`check`) on construction."""
 
-    mode: str = "gam"
+    mode: str = "gam_fast"
     rho: float | None = None
     alpha: float | None = None
     sam_rho: float | None = None
@@ -71,14 +85,27 @@ class GAMHyper:
     adaptive: bool = False
 
     def __post_init__(self):
-        spec = MODES.get(self.mode)
-        if spec is None:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        for name, value in spec.defaults.items():
+        self.check(mode=self.mode)
+        for name, value in MODES[self.mode].defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.sam_rho is None:
             object.__setattr__(self, "sam_rho", self.rho)
+        self.check(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @staticmethod
+    def check(spelling: Mapping[str, str] | None = None, **values) -> None:
+        """Every hyper-parameter check, written once: raise ``ValueError`` naming the first out-of-range value of
+        ``values`` and the setting as the user spelled it. Names are the fields of this class and the step options
+        ``every``, ``perturbation``, ``rho_schedule``, ``rho_min_ratio``, ``max_grad_norm`` (the optimizer
+        wrapper's spelling); ``spelling`` maps them to the caller's (``GAMConfig``: ``gam_rho``, ...). The modes
+        and each mode's largest α come from :data:`MODES`; ``None`` is valid where it means a default."""
+        spelled = {**{name: name for name in values}, **(spelling or {})}
+        mode = values.get("mode")
+        for name, value in values.items():
+            rule = _violated_rule(name, value, mode, spelled)
+            if rule is not None:
+                raise ValueError(f"{spelled[name]} must be {rule}; got {value!r}")
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> GAMHyper:
@@ -95,6 +122,28 @@ class GAMHyper:
         return replace(self, rho=self.rho * scale, sam_rho=self.sam_rho * scale, rho_prime=self.rho_prime * scale)
 
 
+def _violated_rule(name: str, value, mode, spelled: Mapping[str, str]) -> str | None:
+    """The rule ``value`` breaks as setting ``name`` (for :meth:`GAMHyper.check`), else ``None``."""
+    if name == "mode":
+        return None if value in MODES else f"one of {', '.join(MODES)}"
+    if value is None and name in _NONE_MEANS_DEFAULT:
+        return None
+    if name in _CHOICES:
+        return None if value in _CHOICES[name] else f"one of {', '.join(_CHOICES[name])}"
+    if name == "adaptive":
+        return None if isinstance(value, bool) else "True or False"
+    if name == "every":
+        return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "an integer >= 1"
+    if name == "alpha":
+        alpha_max = MODES[mode].alpha_max if mode in MODES else math.inf
+        bounded = (lambda v: 0 <= v <= alpha_max, f"in [0, {alpha_max:g}] for {spelled.get('mode', 'mode')}={mode!r}")
+        test, rule = _AT_LEAST_0 if alpha_max == math.inf else bounded
+    else:
+        test, rule = _NUMBERS[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return None if number and test(value) else rule
+
+
 class _Unit:
     """``v -> v / (‖v‖ + eps)``, keeping ``‖v‖`` (the caller logs it; no second norm)."""
 
@@ -102,7 +151,7 @@ class _Unit:
         self.eps, self.norm = eps, None
 
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
-        self.norm = GF.global_norm(v)
+        self.norm = functional.global_norm(v)
         return torch._foreach_div(v, (self.norm + self.eps).to(v[0].dtype))
 
 
@@ -111,25 +160,25 @@ def _ascend(params: Sequence[Tensor], v: list[Tensor], r: float, eps: float, ada
     """``θ <- θ + r v/(‖v‖+ξ)`` (or ASAM's rule) in place; with ``consume`` the step is built in ``v``'s storage
     (``v`` is garbage afterwards), saving a parameter-sized temporary; ``norm`` is ``‖v‖`` if already known."""
     weights = [p.detach() for p in params] if adaptive else None
-    step = (GF.ascent_step_ if consume else GF.ascent_step)(v, r, eps, weights, norm=norm)
-    GF.add_(params, step)
+    step = (functional.ascent_step_ if consume else functional.ascent_step)(v, r, eps, weights, norm=norm)
+    functional.add_(params, step)
 
 
 def plain_direction(grad_fn: GradFn):
     """No perturbation (mode ``none``): ``d = g(θ)``. One pass."""
     loss, g = grad_fn()
-    return g, {"loss": loss, "grad_norm": GF.global_norm(g)}
+    return g, {"loss": loss, "grad_norm": functional.global_norm(g)}
 
 
 def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps: float, adaptive: bool = False):
     """SAM (Foret et al. 2021): ``d = g(θ + ρ g/(‖g‖+ξ))``. Two passes."""
     loss, g = grad_fn()
-    stats = {"loss": loss, "grad_norm": GF.global_norm(g)}
-    with GF.weights_restored(params):
+    stats = {"loss": loss, "grad_norm": functional.global_norm(g)}
+    with functional.weights_restored(params):
         _ascend(params, g, rho, eps, adaptive, consume=True, norm=stats["grad_norm"])
         del g
         _, g_sam = grad_fn()
-    stats["ascent_grad_norm"] = stats["direction_norm"] = GF.global_norm(g_sam)
+    stats["ascent_grad_norm"] = stats["direction_norm"] = functional.global_norm(g_sam)
     return g_sam, stats
 
 
@@ -139,7 +188,7 @@ def gnp_direction(params: Sequence[Tensor], grad_hvp_fn: GradHvpFn, *, rho: floa
     unit = _Unit(eps)
     loss, g, f = grad_hvp_fn(unit)
     stats = {"loss": loss, "grad_norm": unit.norm}
-    return GF.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
+    return functional.gam_combine(g, torch._foreach_mul(f, rho), alpha), stats
 
 
 def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHvpFn, *, rho: float, alpha: float,
@@ -153,19 +202,19 @@ def gam_direction(params: Sequence[Tensor], grad_fn: GradFn, grad_hvp_fn: GradHv
     unit, unit_a = _Unit(eps), _Unit(eps)
     loss, g, f = grad_hvp_fn(unit)
     stats = {"loss": loss, "grad_norm": unit.norm}
-    with GF.weights_restored(params) as theta:
+    with functional.weights_restored(params) as theta:
         if sam_rho is not None:
             _ascend(params, g, sam_rho, eps, adaptive, consume=True, norm=unit.norm)
             _, g = grad_fn()
-            stats["sam_grad_norm"] = GF.global_norm(g)
-            GF.copy_(params, theta)
+            stats["sam_grad_norm"] = functional.global_norm(g)
+            functional.copy_(params, theta)
         _ascend(params, f, rho, eps, adaptive, consume=True)
         del f
         _, ga, h = grad_hvp_fn(unit_a)
     stats["ascent_grad_norm"] = unit_a.norm
     del ga
     torch._foreach_mul_(h, rho)
-    return GF.gam_combine(g, h, alpha), stats
+    return functional.gam_combine(g, h, alpha), stats
 
 
 def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, rho_prime: float, alpha: float,
@@ -173,34 +222,34 @@ def gam_fast_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float,
     """Accelerated GAM, Algorithm 2: four first-order passes, no HVP.
 
     ``g0 = g(θ)``; ``g1 = g(θ + ρ' g0/(‖g0‖+ξ))``; ``θ2 = θ + ρ (g1-g0)/(‖g1-g0‖+ξ)``; ``g2 = g(θ2)``;
-    ``g3 = g(θ2 + ρ' g2/(‖g2‖+ξ))``; ``h+`` (:func:`hf_gam.functional.h_plus_`), ``h-``
-    (:func:`~hf_gam.functional.h_minus_`), ``d = h+ - γ h-⊥`` (:func:`~hf_gam.functional.gam_fast_final_`).
+    ``g3 = g(θ2 + ρ' g2/(‖g2‖+ξ))``; ``h+`` (:func:`hf_gam.core.functional.h_plus_`), ``h-``
+    (:func:`~hf_gam.core.functional.h_minus_`), ``d = h+ - γ h-⊥`` (:func:`~hf_gam.core.functional.gam_fast_final_`).
     Beyond the pass's own gradient it holds three parameter-sized buffers: the saved θ, ``h-`` (built in g0's
     storage) and ``h+`` (built in g1's).
     """
     loss, g0 = grad_fn()
-    stats = {"loss": loss, "grad_norm": GF.global_norm(g0)}
-    with GF.weights_restored(params) as theta:
+    stats = {"loss": loss, "grad_norm": functional.global_norm(g0)}
+    with functional.weights_restored(params) as theta:
         _ascend(params, g0, rho_prime, eps, adaptive, norm=stats["grad_norm"])
         _, g1 = grad_fn()
-        GF.copy_(params, theta)
+        functional.copy_(params, theta)
         h0 = torch._foreach_sub(g1, g0)
         _ascend(params, h0, rho, eps, adaptive, consume=True)
         del h0
         _, g2 = grad_fn()
-        stats["ascent_grad_norm"] = GF.global_norm(g2)
-        h_minus = GF.h_minus_(g0, g2, beta, variant)
+        stats["ascent_grad_norm"] = functional.global_norm(g2)
+        h_minus = functional.h_minus_(g0, g2, beta, variant)
         _ascend(params, g2, rho_prime, eps, adaptive, consume=True, norm=stats["ascent_grad_norm"])
         del g2
         _, g3 = grad_fn()
-    h_plus = GF.h_plus_(g1, g3, alpha)
+    h_plus = functional.h_plus_(g1, g3, alpha)
     del g3
-    return GF.gam_fast_final_(h_plus, h_minus, gamma, eps), stats
+    return functional.gam_fast_final_(h_plus, h_minus, gamma, eps), stats
 
 
 class Oracle(Protocol):
-    """What the registry's adapters call (implemented by :class:`hf_gam.passes.WindowOracle` and
-    :class:`~hf_gam.passes.MicroBatchOracle`)."""
+    """What the registry's adapters call (implemented by :class:`hf_gam.core.oracles.WindowOracle` and
+    :class:`~hf_gam.core.oracles.MicroBatchOracle`)."""
 
     def grad(self) -> tuple[Tensor, list[Tensor]]: ...
 

@@ -8,7 +8,7 @@ First-Order Flatness and Improves Generalization", CVPR 2023): ``rho`` (ρ), ``r
 The kernels are ``torch._foreach_*`` (one launch per op for the whole list) where one exists; the tests check them
 against a plain per-tensor loop in float64.
 
-The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.directions`; they call these, and
+The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.core.directions`; they call these, and
 this module imports nothing of the package.
 """
 
@@ -146,14 +146,12 @@ def h_plus_(g1: list[Tensor], g3: Sequence[Tensor], alpha: float) -> list[Tensor
 
 def h_minus_(g0: list[Tensor], g2: Sequence[Tensor], beta: float, variant: str = "paper") -> list[Tensor]:
     """``h- = β g0 + (1-β) g2`` (``variant="paper"``, Eq. 45) or ``h- = g0 + |1-β| g2`` (``variant="official"``, the
-    released code's rule), built in ``g0``'s storage and returned."""
-    if variant == "paper":
-        torch._foreach_mul_(g0, beta)
-        torch._foreach_add_(g0, list(g2), alpha=1.0 - beta)
-    elif variant == "official":
+    released code's rule), built in ``g0``'s storage and returned. (``GAMHyper`` checks ``variant`` before any pass.)"""
+    if variant == "official":
         torch._foreach_add_(g0, list(g2), alpha=abs(1.0 - beta))
     else:
-        raise ValueError(f"gam_fast_variant must be 'paper' or 'official', got {variant!r}")
+        torch._foreach_mul_(g0, beta)
+        torch._foreach_add_(g0, list(g2), alpha=1.0 - beta)
     return g0
 
 

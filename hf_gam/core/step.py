@@ -55,10 +55,7 @@ def loss_scale_of(scaler, device: torch.device) -> float | None:
 def compute_direction(hyper: GAMHyper, params: Sequence[Tensor], oracle) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Run ``hyper.mode``'s passes through ``oracle`` (its entry in :data:`hf_gam.core.directions.MODES`) and return
     ``(d, stats)``."""
-    spec = MODES.get(hyper.mode)
-    if spec is None:
-        raise ValueError(f"gam_mode must be one of {', '.join(MODES)}; got {hyper.mode!r}")
-    return spec.direction(hyper, params, oracle)
+    return MODES[hyper.mode].direction(hyper, params, oracle)
 
 
 def run_passes(hyper: GAMHyper, params: Sequence[Tensor], oracle: WindowOracle,

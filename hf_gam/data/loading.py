@@ -1,7 +1,7 @@
 """Image-classification datasets for ``hf-gam``: the registry of the paper's datasets, loading (Hub id, local copy in
 the Hub's layout, ``imagefolder``, the embedded sklearn digits), column normalization (every split has exactly
 ``image`` and ``label``, a ``ClassLabel`` with the class names), validation carving, label noise (paper App. C.2).
-The transforms live in :mod:`hf_gam.transforms`, the label rules in :mod:`hf_gam.labels`; both are re-exported here.
+The transforms live in :mod:`hf_gam.data.transforms`, the label rules in :mod:`hf_gam.data.labels`; both are re-exported here.
 Only the splits a run uses are read: their files come from the repo's README ``configs:`` block or the Hub's file
 naming, and each split is read alone with its own features."""
 
@@ -172,7 +172,7 @@ def _pick_column(ds: Dataset, given: str | None, feature_type: type, fallback: s
 
 
 def _normalize(raw: dict[str, Dataset], image_col: str, label_col: str, shown: str) -> tuple[dict, list[str]]:
-    """Keep ``image`` and ``label`` only, with one ``ClassLabel`` (:func:`hf_gam.labels.unify_labels`)."""
+    """Keep ``image`` and ``label`` only, with one ``ClassLabel`` (:func:`hf_gam.data.labels.unify_labels`)."""
     out = {}
     for split, ds in raw.items():
         for col, flag in ((image_col, "image_column"), (label_col, "label_column")):

@@ -16,7 +16,7 @@ module                      what it holds
                             model exactly as it was, argument checks
 ==========================  ====================================================================================
 
-The diagnostics import :mod:`hf_gam.functional` (global norms, HVPs, the SDPA math context) and nothing of the
+The diagnostics import :mod:`hf_gam.core.functional` (global norms, HVPs, the SDPA math context) and nothing of the
 training code (``passes``, ``trainer``, ``config``).
 """
 

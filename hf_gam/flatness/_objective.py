@@ -1,7 +1,7 @@
 """The measurement machinery every flatness diagnostic shares (internal to :mod:`hf_gam.flatness`).
 
 - :class:`Objective`: ``L(θ) = Σ_b w_b L_b(θ)`` over fixed, materialized batches; its loss, gradient, exact
-  Hessian-vector products (:func:`hf_gam.functional.hvp` under :func:`hf_gam.functional.second_order_context`),
+  Hessian-vector products (:func:`hf_gam.core.functional.hvp` under :func:`hf_gam.core.functional.second_order_context`),
   seeded random vectors and :meth:`Objective.set_weights` (``θ + Σ a·d`` from the saved ``θ``).
 - :func:`measured`: the context that yields an :class:`Objective` and leaves the model exactly as it was.
 - :func:`check_argument`, :func:`check_ascent_arguments`: a clear ``ValueError`` naming the argument and its value.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
-from ..core import functional as GF
+from ..core import functional
 
 __all__ = ["LossFn", "Objective", "measured", "check_argument", "check_ascent_arguments", "normalized",
            "batch_size", "default_loss"]
@@ -71,7 +71,7 @@ def check_ascent_arguments(rho, num_steps, step_size) -> None:
 
 def normalized(v: list[Tensor]) -> tuple[list[Tensor], float]:
     """``(v / ‖v‖, ‖v‖)``; ``v`` itself when its norm is zero."""
-    norm = GF.global_norm(v)
+    norm = functional.global_norm(v)
     return (torch._foreach_div(v, norm.to(v[0].dtype)) if norm > 0 else v), float(norm)
 
 
@@ -111,14 +111,14 @@ class Objective:
         return total, g
 
     def hvps(self, vs: list[list[Tensor]]) -> list[list[Tensor]]:
-        """``[H v for v in vs]`` by :func:`hf_gam.functional.hvp`; one graph per batch serves every vector."""
+        """``[H v for v in vs]`` by :func:`hf_gam.core.functional.hvp`; one graph per batch serves every vector."""
         out = [[torch.zeros_like(p) for p in self.params] for _ in vs]
-        with GF.second_order_context():
+        with functional.second_order_context():
             for i in range(len(self.batches)):
                 g = torch.autograd.grad(self._loss(i), self.params, create_graph=True, allow_unused=True,
                                         materialize_grads=True)
                 for n, v in enumerate(vs):
-                    torch._foreach_add_(out[n], GF.hvp(g, self.params, v, retain_graph=n < len(vs) - 1))
+                    torch._foreach_add_(out[n], functional.hvp(g, self.params, v, retain_graph=n < len(vs) - 1))
                 del g
         return out
 
@@ -130,9 +130,9 @@ class Objective:
 
     def set_weights(self, *eps: tuple[float, list[Tensor]]) -> None:
         """Set the weights to ``θ + Σ a·d`` for ``(a, d)`` in ``eps``, from the saved ``θ`` (so no drift)."""
-        GF.copy_(self.params, self.backup)
+        functional.copy_(self.params, self.backup)
         for a, d in eps:
-            GF.add_(self.params, torch._foreach_mul(d, a))
+            functional.add_(self.params, torch._foreach_mul(d, a))
 
 
 @contextlib.contextmanager
@@ -146,7 +146,7 @@ def measured(model: nn.Module, batches, loss_fn, train_mode: bool, seed: int):
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index or 0 for p in obj.params if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), GF.weights_restored(obj.params) as obj.backup:
+        with torch.random.fork_rng(devices=devices), functional.weights_restored(obj.params) as obj.backup:
             torch.default_generator.manual_seed(seed)  # dropout masks under train_mode; the forked state is dropped
             for i in devices:
                 torch.cuda.default_generators[i].manual_seed(seed)

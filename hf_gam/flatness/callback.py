@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from . import defaults as D
+from . import defaults
 from ._objective import check_argument, check_ascent_arguments
 from .measures import first_order_flatness, hessian_eigenvalues, hessian_trace, zeroth_order_flatness
 
@@ -40,10 +40,10 @@ class FlatnessCallback(TrainerCallback):
 
     MEASURES = ("lambda_max", "hessian_trace", "first_order_flatness", "zeroth_order_flatness")
 
-    def __init__(self, probe_batch=None, every_n_steps: int = D.CALLBACK_EVERY_N_STEPS, *, k: int = D.CALLBACK_TOP_K,
-                 max_iter: int = D.CALLBACK_MAX_ITER, num_samples: int = D.CALLBACK_NUM_SAMPLES, rho: float = D.RHO,
-                 num_steps: int = D.CALLBACK_NUM_STEPS, probe_size: int = D.CALLBACK_PROBE_SIZE, seed: int = D.SEED,
-                 train_mode: bool = D.TRAIN_MODE, measures=("lambda_max", "hessian_trace", "first_order_flatness"),
+    def __init__(self, probe_batch=None, every_n_steps: int = defaults.CALLBACK_EVERY_N_STEPS, *, k: int = defaults.CALLBACK_TOP_K,
+                 max_iter: int = defaults.CALLBACK_MAX_ITER, num_samples: int = defaults.CALLBACK_NUM_SAMPLES, rho: float = defaults.RHO,
+                 num_steps: int = defaults.CALLBACK_NUM_STEPS, probe_size: int = defaults.CALLBACK_PROBE_SIZE, seed: int = defaults.SEED,
+                 train_mode: bool = defaults.TRAIN_MODE, measures=("lambda_max", "hessian_trace", "first_order_flatness"),
                  prefix: str = "flatness/", loss_fn=None, trainer=None):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1; got {every_n_steps!r}")

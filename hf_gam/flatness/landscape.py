@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import defaults as D
+from . import defaults
 from ._objective import LossFn, Objective, check_argument, measured, normalized
 
 __all__ = ["loss_landscape", "filter_normalized_direction"]
@@ -26,10 +26,10 @@ def filter_normalized_direction(obj: Objective, gen: torch.Generator, ignore_1d:
             for d, p in zip(obj.randn(gen), obj.params)]
 
 
-def loss_landscape(model: nn.Module, batches, *, dim: int = D.LANDSCAPE_DIM,
-                   resolution: int = D.LANDSCAPE_RESOLUTION, span: float = D.LANDSCAPE_SPAN,
-                   filter_normalize: bool = True, ignore_1d: bool = True, seed: int = D.SEED,
-                   train_mode: bool = D.TRAIN_MODE, loss_fn: LossFn | None = None) -> dict[str, Any]:
+def loss_landscape(model: nn.Module, batches, *, dim: int = defaults.LANDSCAPE_DIM,
+                   resolution: int = defaults.LANDSCAPE_RESOLUTION, span: float = defaults.LANDSCAPE_SPAN,
+                   filter_normalize: bool = True, ignore_1d: bool = True, seed: int = defaults.SEED,
+                   train_mode: bool = defaults.TRAIN_MODE, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Loss along ``dim`` (1 or 2) random directions (Li et al., 2018; the paper's Figure 5):
     ``L(θ + a·d1 + b·d2)`` for ``a, b`` on ``resolution`` evenly spaced points in ``[-span, span]``. With
     ``filter_normalize`` each filter of a direction has the norm of the matching filter of ``θ`` (1-D parameters:

@@ -4,7 +4,7 @@ Every function takes a model and an iterable of batches (dicts of the model's in
 once). The loss is the example-weighted mean of the batch losses: the model's own ``loss`` when its ``forward``
 takes ``labels`` and returns one, else the cross-entropy of its logits (or pass ``loss_fn(model, batch)``).
 
-- **The model is left as it was**: weights bit for bit (:func:`hf_gam.functional.weights_restored`), train/eval
+- **The model is left as it was**: weights bit for bit (:func:`hf_gam.core.functional.weights_restored`), train/eval
   flags, buffers (BatchNorm statistics), ``requires_grad``, ``p.grad`` and the global RNG streams. Only parameters
   with ``requires_grad=True`` are measured.
 - **Eval mode by default** (``train_mode=False``): BatchNorm uses its running statistics, dropout is off.
@@ -12,7 +12,7 @@ takes ``labels`` and returns one, else the cross-entropy of its logits (or pass 
   with ``seed``).
 - **Deterministic under ``seed``**: random vectors come from a local CPU ``torch.Generator`` in the parameters'
   dtype (device-independent). Everything runs in the model's dtype; exact HVPs (double backward) run under the
-  SDPA math kernel (:func:`hf_gam.functional.second_order_context`), so ViT/Swin attention works.
+  SDPA math kernel (:func:`hf_gam.core.functional.second_order_context`), so ViT/Swin attention works.
 
 Defaults come from :mod:`hf_gam.flatness.defaults`.
 """
@@ -24,16 +24,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..core import functional as GF
-from . import defaults as D
+from ..core import functional
+from . import defaults
 from ._objective import LossFn, Objective, check_argument, check_ascent_arguments, measured, normalized
 
 __all__ = ["hessian_eigenvalues", "hessian_trace", "first_order_flatness", "zeroth_order_flatness"]
 
 
-def hessian_eigenvalues(model: nn.Module, batches, k: int = 1, *, method: str = D.METHOD,
-                        max_iter: int = D.MAX_ITER, tol: float = D.TOL, seed: int = D.SEED,
-                        train_mode: bool = D.TRAIN_MODE, loss_fn: LossFn | None = None) -> list[float]:
+def hessian_eigenvalues(model: nn.Module, batches, k: int = 1, *, method: str = defaults.METHOD,
+                        max_iter: int = defaults.MAX_ITER, tol: float = defaults.TOL, seed: int = defaults.SEED,
+                        train_mode: bool = defaults.TRAIN_MODE, loss_fn: LossFn | None = None) -> list[float]:
     """The ``k`` top eigenvalues of the Hessian of the loss, in descending order.
 
     ``method="lanczos"`` (default): the ``k`` *largest* eigenvalues, by Lanczos with full reorthogonalization (it
@@ -58,7 +58,7 @@ def hessian_eigenvalues(model: nn.Module, batches, k: int = 1, *, method: str = 
 def _orthogonalize(v: list[Tensor], basis: list[list[Tensor]]) -> None:
     for _ in range(2):  # twice is enough (Kahan-Parlett)
         for q in basis:
-            torch._foreach_add_(v, torch._foreach_mul(q, GF.dot(v, q).to(v[0].dtype)), alpha=-1.0)
+            torch._foreach_add_(v, torch._foreach_mul(q, functional.dot(v, q).to(v[0].dtype)), alpha=-1.0)
 
 
 def _lanczos(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Generator, n: int) -> list[float]:
@@ -67,7 +67,7 @@ def _lanczos(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Gener
     for j in range(min(max_iter, n)):
         basis.append(q)
         w = obj.hvps([q])[0]
-        alphas.append(float(GF.dot(w, q)))
+        alphas.append(float(functional.dot(w, q)))
         _orthogonalize(w, basis)
         w, beta = normalized(w)
         off = torch.tensor(betas, dtype=torch.float64)
@@ -95,7 +95,7 @@ def _power(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Generat
             _orthogonalize(v, found)  # deflation by projection: power iteration on P H P
             v, _ = normalized(v)
             hv = obj.hvps([v])[0]
-            new = float(GF.dot(hv, v))
+            new = float(functional.dot(hv, v))
             done = lam is not None and abs(new - lam) <= tol * abs(new)
             lam, v = new, hv
             if done:
@@ -106,8 +106,8 @@ def _power(obj: Objective, k: int, max_iter: int, tol: float, gen: torch.Generat
     return sorted(lams, reverse=True)
 
 
-def hessian_trace(model: nn.Module, batches, num_samples: int = D.NUM_SAMPLES, *, distribution: str = D.DISTRIBUTION,
-                  seed: int = D.SEED, train_mode: bool = D.TRAIN_MODE, loss_fn: LossFn | None = None,
+def hessian_trace(model: nn.Module, batches, num_samples: int = defaults.NUM_SAMPLES, *, distribution: str = defaults.DISTRIBUTION,
+                  seed: int = defaults.SEED, train_mode: bool = defaults.TRAIN_MODE, loss_fn: LossFn | None = None,
                   return_stderr: bool = False) -> float | tuple[float, float]:
     """Hutchinson's estimate of ``tr(H)``: the mean of ``vᵀHv`` over ``num_samples`` random ``v`` (Rademacher by
     default, or ``"gaussian"``). With ``return_stderr`` also the standard error of that mean. Each batch's graph
@@ -121,7 +121,7 @@ def hessian_trace(model: nn.Module, batches, num_samples: int = D.NUM_SAMPLES, *
         samples: list[float] = []
         while len(samples) < num_samples:
             vs = [obj.randn(gen, distribution == "rademacher") for _ in range(min(chunk, num_samples - len(samples)))]
-            samples += [float(GF.dot(hv, v)) for hv, v in zip(obj.hvps(vs), vs)]
+            samples += [float(functional.dot(hv, v)) for hv, v in zip(obj.hvps(vs), vs)]
     s = torch.tensor(samples, dtype=torch.float64)
     mean = float(s.mean())
     stderr = float(s.std() / math.sqrt(num_samples)) if num_samples > 1 else float("nan")
@@ -134,7 +134,7 @@ def _step(eps: list[Tensor] | None, d: list[Tensor], rho: float, step_size: floa
     if step_size is None or eps is None:
         return torch._foreach_mul(d, rho)
     new = torch._foreach_add(eps, d, alpha=step_size * rho)
-    norm = float(GF.global_norm(new))
+    norm = float(functional.global_norm(new))
     return torch._foreach_mul(new, min(1.0, rho / norm)) if norm > 0 else new
 
 
@@ -142,17 +142,17 @@ def _zeroth(obj, rho, num_steps, step_size, gen) -> tuple[float, float]:
     """Projected ascent on ``L(θ+ε) - L(θ)`` from the gradient direction. Returns the best loss increase (R0
     estimate) and ``ρ·max‖g‖`` over the visited points (a lower bound of R1)."""
     l0, g = obj.loss_and_grad()
-    r0, r1, eps = 0.0, rho * float(GF.global_norm(g)), None
+    r0, r1, eps = 0.0, rho * float(functional.global_norm(g)), None
     for _ in range(num_steps):
-        eps = _step(eps, g if GF.global_norm(g) > 0 else obj.randn(gen), rho, step_size)
+        eps = _step(eps, g if functional.global_norm(g) > 0 else obj.randn(gen), rho, step_size)
         obj.set_weights((1.0, eps))
         loss, g = obj.loss_and_grad()
-        r0, r1 = max(r0, loss - l0), max(r1, rho * float(GF.global_norm(g)))
+        r0, r1 = max(r0, loss - l0), max(r1, rho * float(functional.global_norm(g)))
     return r0, r1
 
 
-def zeroth_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: int = D.NUM_STEPS,
-                          step_size: float | None = D.STEP_SIZE, seed: int = D.SEED, train_mode: bool = D.TRAIN_MODE,
+def zeroth_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: int = defaults.NUM_STEPS,
+                          step_size: float | None = defaults.STEP_SIZE, seed: int = defaults.SEED, train_mode: bool = defaults.TRAIN_MODE,
                           loss_fn: LossFn | None = None) -> float:
     """``R0_ρ(θ) = max_{‖ε‖≤ρ} L(θ+ε) - L(θ)`` (Definition 3.1), by ``num_steps`` steps of projected gradient
     ascent on ``L(θ+ε)`` started along ``g(θ)`` (a seeded random direction if ``g = 0``); see :func:`_step`.
@@ -163,8 +163,8 @@ def zeroth_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: i
         return _zeroth(obj, float(rho), num_steps, step_size, torch.Generator().manual_seed(seed))[0]
 
 
-def first_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: int = D.NUM_STEPS,
-                         step_size: float | None = D.STEP_SIZE, seed: int = D.SEED, train_mode: bool = D.TRAIN_MODE,
+def first_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: int = defaults.NUM_STEPS,
+                         step_size: float | None = defaults.STEP_SIZE, seed: int = defaults.SEED, train_mode: bool = defaults.TRAIN_MODE,
                          loss_fn: LossFn | None = None, include_zeroth_order: bool = True) -> float:
     """``R1_ρ(θ) = ρ · max_{‖ε‖≤ρ} ‖g(θ+ε)‖`` (Definition 4.1), by ``num_steps`` steps of projected gradient
     ascent on ``‖g(θ+ε)‖``, whose gradient is ``H(θ+ε) g/‖g‖`` (exact HVP); the first step is GAM's ``f`` of
@@ -186,14 +186,14 @@ def first_order_flatness(model: nn.Module, batches, rho: float, *, num_steps: in
         obj.set_weights()
         gen.manual_seed(seed + 1)
         eps, (_, g) = None, obj.loss_and_grad()
-        best = max(best, rho * float(GF.global_norm(g)))
+        best = max(best, rho * float(functional.global_norm(g)))
         for _ in range(num_steps):
             u, norm = normalized(g)
             d = obj.hvps([u])[0] if norm > 0 else obj.randn(gen)
-            if GF.global_norm(d) == 0:  # e.g. a linear loss: ‖g‖ is flat, any direction is as good
+            if functional.global_norm(d) == 0:  # e.g. a linear loss: ‖g‖ is flat, any direction is as good
                 d = obj.randn(gen)
             eps = _step(eps, d, rho, step_size)
             obj.set_weights((1.0, eps))
             g = obj.loss_and_grad()[1]
-            best = max(best, rho * float(GF.global_norm(g)))
+            best = max(best, rho * float(functional.global_norm(g)))
         return best

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ..formatting import format_value
-from . import defaults as D
+from . import defaults
 from . import plots
 from ._objective import batch_size, check_argument
 from .landscape import loss_landscape
@@ -53,27 +53,27 @@ class FlatnessArguments:
         "help": "Label of the model in the pictures and the JSON (default: the model path's last part)."})
     flatness_compare_name: str | None = field(default=None, metadata={
         "help": "Label of the --compare model (default: its path's last part)."})
-    flatness_top_k: int = field(default=D.REPORT_TOP_K, metadata={
+    flatness_top_k: int = field(default=defaults.REPORT_TOP_K, metadata={
         "help": "How many top Hessian eigenvalues to compute."})
-    flatness_method: Literal["lanczos", "power"] = field(default=D.METHOD, metadata={
+    flatness_method: Literal["lanczos", "power"] = field(default=defaults.METHOD, metadata={
         "help": "Eigenvalue method: lanczos (the k largest; stores max_iter vectors) or power (power iteration with "
                 "deflation, the k largest in magnitude; stores k vectors)."})
-    flatness_max_iter: int = field(default=D.MAX_ITER, metadata={
+    flatness_max_iter: int = field(default=defaults.MAX_ITER, metadata={
         "help": "Most Hessian-vector products for the eigenvalues (Lanczos: in all, >= top_k; power: per value)."})
-    flatness_tol: float = field(default=D.TOL, metadata={"help": "Relative tolerance of the eigenvalues."})
-    flatness_num_samples: int = field(default=D.NUM_SAMPLES, metadata={
+    flatness_tol: float = field(default=defaults.TOL, metadata={"help": "Relative tolerance of the eigenvalues."})
+    flatness_num_samples: int = field(default=defaults.NUM_SAMPLES, metadata={
         "help": "Random probes of Hutchinson's Hessian trace estimate."})
-    flatness_rho: float = field(default=D.RHO, metadata={
+    flatness_rho: float = field(default=defaults.RHO, metadata={
         "help": "Radius rho of the first- and zeroth-order flatness (Definitions 4.1 and 3.1)."})
-    flatness_num_steps: int = field(default=D.NUM_STEPS, metadata={
+    flatness_num_steps: int = field(default=defaults.NUM_STEPS, metadata={
         "help": "Projected ascent steps for the first- and zeroth-order flatness."})
-    flatness_landscape_resolution: int = field(default=D.LANDSCAPE_RESOLUTION, metadata={
+    flatness_landscape_resolution: int = field(default=defaults.LANDSCAPE_RESOLUTION, metadata={
         "help": "Grid points per axis of the loss landscape (2-D: resolution^2 loss evaluations)."})
-    flatness_landscape_span: float = field(default=D.LANDSCAPE_SPAN, metadata={
+    flatness_landscape_span: float = field(default=defaults.LANDSCAPE_SPAN, metadata={
         "help": "The landscape covers [-span, span] along each filter-normalized direction."})
-    flatness_seed: int = field(default=D.SEED, metadata={
+    flatness_seed: int = field(default=defaults.SEED, metadata={
         "help": "Seed of every random vector (results are reproducible)."})
-    flatness_train_mode: bool = field(default=D.TRAIN_MODE, metadata={
+    flatness_train_mode: bool = field(default=defaults.TRAIN_MODE, metadata={
         "help": "Measure the training-mode loss (BatchNorm batch statistics, dropout on) instead of eval mode."})
 
     def validate(self) -> None:
@@ -90,7 +90,7 @@ class FlatnessArguments:
 
 
 # run_flatness's defaults: FlatnessArguments' (the command line's) plus what only the Python API sets
-DEFAULT_SETTINGS: dict[str, Any] = {**FlatnessArguments().to_settings(), "step_size": D.STEP_SIZE, "name": "model",
+DEFAULT_SETTINGS: dict[str, Any] = {**FlatnessArguments().to_settings(), "step_size": defaults.STEP_SIZE, "name": "model",
                                     "compare_name": "compare", "loss_fn": None}
 
 

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["SHIPPED", "DEFAULT_METRICS", "MetricLoadError", "LoadedMetric", "metric_path", "parse_spec", "load_metrics",
            "check_metrics", "compute_metrics_fn"]
 
@@ -24,7 +26,7 @@ SHIPPED = ("accuracy", "top_k_accuracy")
 DEFAULT_METRICS = ("accuracy", "top_k_accuracy")
 
 
-class MetricLoadError(ValueError):
+class MetricLoadError(UserError):
     """A metric named on the command line could not be loaded (message names it)."""
 
 

@@ -30,6 +30,8 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, dot
 from transformers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
                                 logging)
 
+from ..errors import UserError
+
 __all__ = ["CheckpointMismatchError", "convert_checkpoint_keys", "load_model_weights", "read_checkpoint_weights",
            "restore_checkpoint_weights"]
 
@@ -37,7 +39,7 @@ logger = logging.get_logger(__name__)
 _SHOWN = 8  # keys named per category in an error message
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint's weights do not cover the model exactly (missing, unexpected or mis-shaped tensors)."""
 
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from transformers import TrainingArguments
 
-from ..core.directions import MODES, GAMHyper
+from ..core.directions import MODES, PERTURBATIONS, RHO_SCHEDULES, VARIANTS, GAMHyper
 
-# The choices come from the one mode registry (hf_gam.directions.MODES), and so do the mode-dependent defaults.
+# The choices come from the one mode registry (hf_gam.core.directions.MODES), and so do the mode-dependent defaults.
 GamMode = Literal[tuple(MODES)]
+# GAMHyper's fields and the step options (the optimizer wrapper's names) -> this config's fields
+CONFIG_NAMES = {"mode": "gam_mode", "rho": "gam_rho", "alpha": "gam_alpha", "sam_rho": "sam_rho",
+                "rho_prime": "gam_rho_prime", "beta": "gam_beta", "gamma": "gam_gamma", "eps": "gam_eps",
+                "variant": "gam_fast_variant", "adaptive": "gam_adaptive", "every": "gam_every",
+                "perturbation": "gam_perturbation", "rho_schedule": "gam_rho_schedule",
+                "rho_min_ratio": "gam_rho_min_ratio"}
+HYPER_FIELDS = tuple(f.name for f in fields(GAMHyper))
 
 
 @dataclass
@@ -89,7 +95,7 @@ class GAMConfig(TrainingArguments):
     gam_gamma: float = field(
         default=0.03, metadata={"help": "γ (gamma): weight of the orthogonal part of h- (gam_fast), >= 0."}
     )
-    gam_fast_variant: Literal["paper", "official"] = field(
+    gam_fast_variant: Literal[VARIANTS] = field(
         default="paper",
         metadata={"help": "h- of Algorithm 2: paper = β g0 + (1-β) g2 (Eq. 45); official = g0 + |1-β| g2 "
                   "(released code)."},
@@ -101,13 +107,13 @@ class GAMConfig(TrainingArguments):
     gam_every: int = field(
         default=1, metadata={"help": "Apply the mode on optimizer steps t with t %% gam_every == 0; plain otherwise."}
     )
-    gam_perturbation: Literal["local", "global"] = field(
+    gam_perturbation: Literal[PERTURBATIONS] = field(
         default="local",
         metadata={"help": "local: each micro-batch perturbs with its own gradient, directions averaged; global: "
                   "every pass over the whole global batch."},
     )
 
-    gam_rho_schedule: Literal["constant", "lr_proportional"] = field(
+    gam_rho_schedule: Literal[RHO_SCHEDULES] = field(
         default="constant",
         metadata={"help": "constant, or lr_proportional: ρ, ρs and ρ' move with the learning rate between "
                   "gam_rho_min_ratio x their value (lr 0) and their value (peak learning_rate)."},
@@ -127,58 +133,19 @@ class GAMConfig(TrainingArguments):
         """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate
         ``lr`` (:meth:`GAMHyper.at_learning_rate`): ``ρ_t = ρ (r + (1 - r) clip(lr / peak_lr, 0, 1))``,
         ``r = gam_rho_min_ratio``, ``peak_lr`` the optimizer's initial learning rate (default ``learning_rate``)."""
-        hyper = GAMHyper(mode=self.gam_mode, rho=self.gam_rho, alpha=self.gam_alpha, sam_rho=self.sam_rho,
-                         rho_prime=self.gam_rho_prime, beta=self.gam_beta, gamma=self.gam_gamma, eps=self.gam_eps,
-                         variant=self.gam_fast_variant, adaptive=self.gam_adaptive)
+        hyper = GAMHyper(**{name: getattr(self, CONFIG_NAMES[name]) for name in HYPER_FIELDS})
         if self.gam_rho_schedule != "lr_proportional" or lr is None:
             return hyper
         peak = self.learning_rate if peak_lr is None else peak_lr
         return hyper.at_learning_rate(lr, peak, self.gam_rho_min_ratio)
 
     def __post_init__(self):
-        self._validate_gam()
-        defaults = MODES[self.gam_mode].defaults
-        if self.gam_rho is None:
-            self.gam_rho = defaults["rho"]
-        if self.gam_alpha is None:
-            self.gam_alpha = defaults["alpha"]
-        if self.sam_rho is None:
-            self.sam_rho = self.gam_rho
+        # every check is GAMHyper's (one home, reading the mode registry); errors name the gam_* fields
+        GAMHyper.check(spelling=CONFIG_NAMES, **{name: getattr(self, field) for name, field in CONFIG_NAMES.items()})
+        hyper = self.gam_hyper()  # unset ρ, α, ρs take the mode's defaults
+        self.gam_rho, self.gam_alpha, self.sam_rho = hyper.rho, hyper.alpha, hyper.sam_rho
         super().__post_init__()
         self._refuse_reentrant_checkpointing()
-
-    def _validate_gam(self) -> None:
-        """Raise ``ValueError`` naming the field and the value for every out-of-range ``gam_*`` setting."""
-        choices = {
-            "gam_mode": tuple(MODES),
-            "gam_fast_variant": ("paper", "official"),
-            "gam_perturbation": ("local", "global"),
-            "gam_rho_schedule": ("constant", "lr_proportional"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-
-        def check(name: str, ok, rule: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not ok(value):
-                raise ValueError(f"{name} must be {rule}; got {value!r}")
-
-        check("gam_rho", lambda v: v >= 0, "a finite number >= 0", optional=True)
-        check("sam_rho", lambda v: v >= 0, "a finite number >= 0", optional=True)
-        check("gam_rho_prime", lambda v: v >= 0, "a finite number >= 0")
-        check("gam_gamma", lambda v: v >= 0, "a finite number >= 0")
-        check("gam_beta", lambda v: 0 <= v <= 1, "in [0, 1]")
-        check("gam_eps", lambda v: v >= 0, "a finite number >= 0")
-        check("gam_rho_min_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
-        alpha_max = MODES[self.gam_mode].alpha_max  # gam_fast: α weighs g1 against g3 (paper Eq. 44)
-        check("gam_alpha", lambda v: 0 <= v <= alpha_max, "a finite number >= 0" if alpha_max == math.inf
-              else f"in [0, {alpha_max:g}] for gam_mode={self.gam_mode!r}", optional=True)
-        if isinstance(self.gam_every, bool) or not isinstance(self.gam_every, int) or self.gam_every < 1:
-            raise ValueError(f"gam_every must be an integer >= 1; got {self.gam_every!r}")
 
     def _refuse_reentrant_checkpointing(self) -> None:
         """Reentrant activation checkpointing raises inside ``torch.autograd.grad``, which every pass of every mode but

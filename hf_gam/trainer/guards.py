@@ -16,7 +16,7 @@ from ..core.directions import MODES
 
 __all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "uncompiled"]
 
-logger = logging.get_logger("hf_gam.trainer")
+logger = logging.get_logger(__name__)
 
 def uncompiled(model: nn.Module) -> nn.Module:
     """The module under ``torch.compile`` (``OptimizedModule._orig_mod``, same parameters and buffers): exact-HVP

@@ -16,20 +16,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import TypeVar
 
+from ..errors import HubPushError
+
 __all__ = ["BackgroundPushes", "HubPushError", "describe_error", "is_transient", "push_retrying_once"]
 
 logger = logging.getLogger(__name__)
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 RETRY_PAUSE_S = 2.0
 Result = TypeVar("Result")
-
-
-class HubPushError(RuntimeError):
-    """A push to the Hub failed (training itself succeeded; ``hf-gam train`` exits with status 3)."""
-
-    def __init__(self, message: str, repo_id: str | None = None):
-        super().__init__(message)
-        self.repo_id = repo_id
 
 
 def describe_error(err: BaseException, limit: int = 300) -> str:

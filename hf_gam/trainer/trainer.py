@@ -2,8 +2,8 @@
 
 Overrides, and nothing else:
 
-- ``training_step``: runs the mode's passes (:func:`hf_gam.core.step.apply_direction_step`) and leaves the step's direction in ``p.grad``, so
-  the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
+- ``training_step``: runs the mode's passes (:func:`hf_gam.core.step.apply_direction_step`) and leaves the step's
+  direction in ``p.grad``, so the Trainer's clipping, optimizer, scheduler and logging work unchanged. Mode ``none`` and the steps skipped by
   ``gam_every`` are the stock ``Trainer.training_step``.
 - ``compute_loss``: classification and regression heads (single-label cross-entropy, multi-label BCE, regression MSE,
   ignore index -100) get one loss, ``Σ loss / num_items_in_batch`` over the label elements the Trainer counts, for
@@ -16,6 +16,8 @@ Overrides, and nothing else:
   background push (``hub_strategy``) is logged and raised at the final push (:mod:`hf_gam.trainer.hub`).
 - ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
   conversion (:mod:`hf_gam.trainer.checkpoints`).
+- ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``: also write and read ``gam_state.json`` (the
+  fallback and overflow counters) next to the optimizer state.
 
 What is converted or refused at construction lives in :mod:`hf_gam.trainer.guards`.
 """
@@ -65,6 +67,7 @@ class GAMTrainer(Trainer):
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self._hub_pushes = BackgroundPushes()
+        self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
         self._gam_rho_used: float | None = None
@@ -159,7 +162,7 @@ class GAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if MODES[self.args.gam_mode].hvp:
+        if self.gam_spec.hvp:
             model = uncompiled(model)  # aot_autograd has no double backward; parameters are shared
         params = [p for p in model.parameters() if p.requires_grad]
         if self.args.gam_perturbation == "global":
@@ -214,7 +217,7 @@ class GAMTrainer(Trainer):
         values = {"gam/grad_norm": stats["grad_norm"]}
         if "ascent_grad_norm" in stats:
             values["gam/ascent_grad_norm"] = stats["ascent_grad_norm"]
-            if MODES[self.args.gam_mode].norm_ascent:
+            if self.gam_spec.norm_ascent:
                 values["gam/r1"] = hyper.rho * stats["ascent_grad_norm"]
         if self._gam_sums is None:
             self._gam_sums = torch.zeros(2 * len(LOGGED), dtype=torch.float64, device=stats["grad_norm"].device)
@@ -229,7 +232,7 @@ class GAMTrainer(Trainer):
         """The Trainer's count of one forward+backward, times the passes of the mode on its active steps
         (an exact HVP counted as two passes)."""
         flos = super().floating_point_ops(inputs)
-        return flos * MODES[self.args.gam_mode].passes if self.gam_step_active() else flos
+        return flos * self.gam_spec.passes if self.gam_step_active() else flos
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get the ``gam/*`` means since the last log, over every micro-batch of every process (one
@@ -333,7 +336,7 @@ class GAMTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume restores every tensor, through the model's own key conversion, or fails loudly
-        (:mod:`hf_gam.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
+        (:mod:`hf_gam.trainer.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
         from .checkpoints import restore_checkpoint_weights
 
         if not restore_checkpoint_weights(self, resume_from_checkpoint, model):
