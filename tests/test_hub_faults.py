@@ -56,6 +56,13 @@ def test_invalid_hub_model_id_exits_2_before_training(tmp_path, capsys, repo_id)
     assert not out.exists()
 
 
+def test_repo_named_after_an_invalid_output_dir_exits_2_before_training(tmp_path, capsys):
+    out = tmp_path / "my run"  # no --hub_model_id: the Trainer would name the repo "my run"
+    assert main(["train", "--push_to_hub", "true", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "hf-gam: error: hub_model_id: not set" in err and "'my run'" in err and not out.exists()
+
+
 def test_rejected_token_stops_before_training(local_hub, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_rejected")
     out = tmp_path / "o"

@@ -112,6 +112,8 @@ def test_hub_strategies_and_failed_background_pushes(hub, tmp_path):
     assert all(result[s]["error"] is None for s in ("every_save", "checkpoint", "all_checkpoints"))
 
     failed = result["bgfail"]
-    assert failed["error"] is not None and "me/bgfail" in failed["message"] and "step 1" in failed["message"]
-    warnings = [line for line in proc.stderr.splitlines() if "me/bgfail" in line and "step 1" in line]
-    assert warnings, proc.stderr[-3000:]
+    assert failed["error"] == "HubPushError" and "step 1 (checkpoint, me/bgfail)" in failed["message"]
+    assert "step 2" not in failed["message"]  # step 2's pushes went through
+    warnings = [line for line in proc.stderr.splitlines() if "push to the Hub at step 1" in line]
+    assert len(warnings) == 2 and all("me/bgfail" in line and "403" in line for line in warnings), proc.stderr[-3000:]
+    assert json.loads(hub.files("me/bgfail")["last-checkpoint/trainer_state.json"])["global_step"] == 2

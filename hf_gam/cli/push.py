@@ -19,21 +19,26 @@ __all__ = ["check_hub_model_id", "check_push", "push_trained", "upload_command"]
 IGNORED = ("checkpoint-*", "_*")  # what Trainer.push_to_hub leaves out of the output folder
 
 
-def check_hub_model_id(repo_id: str | None) -> None:
+def check_hub_model_id(repo_id: str | None, output_dir: str | None = None) -> None:
     """A ``hub_model_id`` the Hub can create: ``name`` or ``owner/name``, each part of letters, digits, ``-``,
     ``_``, ``.``, not starting or ending with ``-`` or ``.``, no ``--`` or ``..``, at most 96 characters
-    (huggingface_hub's ``validate_repo_id``)."""
-    if repo_id is None:
+    (huggingface_hub's ``validate_repo_id``). Without one the Trainer names the repo after ``output_dir``'s last
+    folder, which must then be such a name."""
+    if repo_id is None and output_dir is None:
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    name = repo_id if repo_id is not None else _name(output_dir)
     try:
-        if repo_id.count("/") > 1:
+        if name.count("/") > 1:
             raise HFValidationError("a repo id is 'name' or 'owner/name', with at most one '/'")
-        validate_repo_id(repo_id)
+        validate_repo_id(name)
     except HFValidationError as err:
-        raise UsageError(f"hub_model_id: {repo_id!r} is not a valid Hub repo id: {' '.join(str(err).split())}") \
-            from err
+        cause = " ".join(str(err).split())
+        if repo_id is None:
+            raise UsageError(f"hub_model_id: not set, so the repo would be named after output_dir {output_dir!r}: "
+                             f"{name!r} is not a valid Hub repo name ({cause}); pass --hub_model_id") from err
+        raise UsageError(f"hub_model_id: {repo_id!r} is not a valid Hub repo id: {cause}") from err
 
 
 def check_push(args: Any) -> None:
@@ -41,7 +46,7 @@ def check_push(args: Any) -> None:
     rejected token)."""
     if not args.push_to_hub:
         return
-    check_hub_model_id(args.hub_model_id)
+    check_hub_model_id(args.hub_model_id, args.output_dir)
     from huggingface_hub import HfApi, constants, get_token
 
     if constants.HF_HUB_OFFLINE:

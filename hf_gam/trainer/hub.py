@@ -57,32 +57,34 @@ def push_retrying_once(push: Callable[[], Result], repo_id: str | None) -> Resul
 
 
 class BackgroundPushes:
-    """The ``hub_strategy`` pushes of a run: each future with the step that started it."""
+    """The ``hub_strategy`` pushes of a run: each future with the step that started it and what it uploads
+    (``Trainer._push_from_checkpoint`` starts the model files' push, then the checkpoint's)."""
+
+    KINDS = ("model files", "checkpoint")
 
     def __init__(self) -> None:
-        self.jobs: list[tuple[Future, int, str | None]] = []
+        self.jobs: list[tuple[Future, str]] = []
 
     def watch(self, jobs: Iterable[Future], step: int, repo_id: str | None) -> None:
-        for job in jobs:
-            if any(job is known for known, _, _ in self.jobs):
-                continue
-            self.jobs.append((job, step, repo_id))
-            job.add_done_callback(lambda done, step=step, repo_id=repo_id: self._log(done, step, repo_id))
+        new = [job for job in jobs if not any(job is known for known, _ in self.jobs)]
+        for kind, job in zip(self.KINDS, new):
+            what = f"step {step} ({kind}, {repo_id})"
+            self.jobs.append((job, what))
+            job.add_done_callback(lambda done, what=what: self._log(done, what))
 
     @staticmethod
-    def _log(job: Future, step: int, repo_id: str | None) -> None:
+    def _log(job: Future, what: str) -> None:
         if not job.cancelled() and job.exception() is not None:
-            logger.warning(f"push to the Hub at step {step} failed ({repo_id}): {describe_error(job.exception())}")
+            logger.warning(f"push to the Hub at {what} failed: {describe_error(job.exception())}")
 
-    def failures(self) -> list[tuple[int, BaseException]]:
+    def failures(self) -> list[tuple[str, BaseException]]:
         """The finished pushes that failed, read from the futures themselves (a done-callback may not have run)."""
-        return [(step, job.exception()) for job, step, _ in self.jobs
+        return [(what, job.exception()) for job, what in self.jobs
                 if job.done() and not job.cancelled() and job.exception() is not None]
 
     def raise_failed(self, repo_id: str | None) -> None:
         failed = self.failures()
         if failed:
-            steps = ", ".join(f"step {step}: {describe_error(err, 160)}" for step, err in failed)
-            raise HubPushError(f"{len(failed)} push(es) to the Hub during training failed ({repo_id}; {steps}); the "
-                               f"Hub may lack those checkpoints", repo_id)
-
+            listed = "; ".join(f"{what}: {describe_error(err, 160)}" for what, err in failed)
+            raise HubPushError(f"{len(failed)} push(es) to the Hub during training failed, so the Hub may lack what "
+                               f"they carried: {listed}", repo_id)
