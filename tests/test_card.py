@@ -58,7 +58,7 @@ def test_local_base_model_is_not_a_hub_link(tmp_path):
     trainer.create_model_card(dataset="my local images")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.base_model is None and card.data.datasets is None
-    # a local dataset: its name is the model-index's dataset type, as the stock Trainer's card (issue 18)
+    # a local dataset: its name is the model-index's dataset type, as in the stock Trainer's card
     (result,) = card.data.eval_results
     assert (result.dataset_type, result.dataset_name, result.metric_type) == ("my local images", "my local images",
                                                                               "accuracy")
