@@ -40,9 +40,9 @@ def hub(tmp_path_factory):
 
 
 def run_worker(what: str, where: Path, **env: str) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(REPO), str(WORKER.parents[1])])  # this checkout; tests/ for testing_utils
     proc = subprocess.run([sys.executable, str(WORKER), what, str(where)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(WORKER.parents[1])]),
-                                            "OMP_NUM_THREADS": "1", **env})
+                          timeout=600, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **env})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

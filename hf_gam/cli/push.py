@@ -9,6 +9,7 @@ the cause, the saved output folder, the repo, and the ``hf upload`` command that
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any
 
@@ -81,12 +82,10 @@ def push_trained(trainer: Any, card: dict[str, Any]) -> None:
     except Exception as err:  # noqa: BLE001 - training succeeded: say where the model is and how to push it
         repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or f"<you>/{_name(args.output_dir)}"
         cause = str(err) if isinstance(err, HubPushError) else describe_error(err)
+        later = upload_command(repo_id, args.output_dir)
         raise HubPushError(f"push_to_hub: the push to {repo_id} failed ({cause}); training succeeded and the model "
-                           f"is saved in {args.output_dir}; push it later with `{upload_command(repo_id, args.output_dir)}`",
-                           repo_id) from err
+                           f"is saved in {args.output_dir}; push it later with `{later}`", repo_id) from err
 
 
 def _name(output_dir: str) -> str:
-    import os
-
     return os.path.basename(os.path.normpath(output_dir))
