@@ -28,6 +28,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.core.directions import MODES
+from hf_gam.testing import TinyMLP, TinyMLPConfig
 
 # (label, GAMConfig overrides); None = the stock transformers.Trainer (the baseline every ratio is taken against).
 # Every registered mode at its defaults, then gam_fast on 1 step in 10.
@@ -76,36 +77,6 @@ class SmallCNN(PreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-class MLPConfig(PretrainedConfig):
-    model_type = "hf-gam-bench-mlp"
-
-    def __init__(self, in_dim=64, hidden=(64,), num_labels=10, **kw):
-        self.in_dim, self.hidden = in_dim, list(hidden)
-        super().__init__(num_labels=num_labels, **kw)
-
-
-class MLP(PreTrainedModel):
-    """``in_dim -> hidden... (tanh) -> num_labels``; flattens image inputs."""
-
-    config_class = MLPConfig
-    main_input_name = "pixel_values"
-
-    def __init__(self, config: MLPConfig):
-        super().__init__(config)
-        dims = [config.in_dim, *config.hidden]
-        self.body = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.Tanh())])
-        self.head = nn.Linear(dims[-1], config.num_labels)
-        self.post_init()
-
-    def _init_weights(self, module):
-        pass
-
-    def forward(self, pixel_values, labels=None, **kwargs):
-        logits = self.head(self.body(pixel_values.flatten(1)))
-        loss = ForSequenceClassificationLoss(labels, logits, self.config, **kwargs) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
 def small_vit(image_size=32, patch=4, hidden=128, layers=4, heads=4, mlp=256, num_labels=10):
     return ViTForImageClassification(ViTConfig(
         image_size=image_size, patch_size=patch, num_channels=3, hidden_size=hidden, num_hidden_layers=layers,
@@ -139,9 +110,10 @@ CPU_BENCHES = {
     # ~0.23M parameters: 3 layers, width 96, 64 patches of 4x4 at 32x32, batch 32
     "vit": Bench("vit", lambda: small_vit(hidden=96, layers=3, heads=4, mlp=192), (3, 32, 32), 32),
     # ~2.1M parameters, tiny activations (batch 8): peak memory is counted in whole parameter-sized buffers
-    "mlp": Bench("mlp", lambda: MLP(MLPConfig(in_dim=3 * 32 * 32, hidden=(512, 512, 512))), (3, 32, 32), 8),
+    "mlp": Bench("mlp", lambda: TinyMLP(TinyMLPConfig(in_dim=3 * 32 * 32, hidden=(512, 512, 512), num_labels=10)),
+                 (3, 32, 32), 8),
     # the smoke / leak-check setting: a few thousand parameters
-    "tiny": Bench("tiny", lambda: MLP(MLPConfig(in_dim=3 * 4 * 4, hidden=(32,))), (3, 4, 4), 8),
+    "tiny": Bench("tiny", lambda: TinyMLP(TinyMLPConfig(in_dim=3 * 4 * 4, hidden=(32,), num_labels=10)), (3, 4, 4), 8),
 }
 
 

@@ -15,43 +15,14 @@ import sys
 import tempfile
 
 import torch
-from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
+from hf_gam.testing import TensorDataset, TinyMLP, TinyMLPConfig
 
 
-class MLPConfig(PretrainedConfig):
-    model_type = "hf-gam-check-mlp"
-
-    def __init__(self, num_labels=4, **kw):
-        super().__init__(num_labels=num_labels, **kw)
-
-
-class MLP(PreTrainedModel):
-    config_class = MLPConfig
-    main_input_name = "pixel_values"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, config.num_labels))
-        self.post_init()
-
-    def forward(self, pixel_values, labels=None, **kw):
-        return ImageClassifierOutput(logits=self.net(pixel_values))
-
-
-class Data(torch.utils.data.Dataset):
-    def __init__(self, n=64):
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(n, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
+def data(n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 32, generator=g), torch.randint(0, 4, (n,), generator=g))
 
 
 class Overflow(GAMTrainer):
@@ -63,11 +34,11 @@ class Overflow(GAMTrainer):
 
 def step(mode: str, fp16: bool, cls=GAMTrainer):
     torch.manual_seed(0)
-    model = MLP(MLPConfig())
+    model = TinyMLP(TinyMLPConfig(in_dim=32, hidden=64, num_labels=4))
     args = GAMConfig(output_dir=tempfile.mkdtemp(), fp16=fp16, gam_mode=mode, max_steps=1, learning_rate=1.0,
                      optim="sgd", lr_scheduler_type="linear", max_grad_norm=0.0, per_device_train_batch_size=64,
                      report_to="none", save_strategy="no", disable_tqdm=True)
-    trainer = cls(model=model, args=args, train_dataset=Data())
+    trainer = cls(model=model, args=args, train_dataset=data())
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train()
     return trainer, before, [p.detach().clone() for p in model.parameters()]

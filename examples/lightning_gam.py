@@ -83,17 +83,16 @@ class GAMModule(L.LightningModule):
 
 
 def digits_loaders(batch_size: int = 64):
-    """sklearn's 8x8 digits (shipped with scikit-learn, no download), 80/20 split."""
-    from sklearn.datasets import load_digits
+    """sklearn's 8x8 digits (shipped with scikit-learn, no download), hf_gam's stratified 80/20 split."""
+    from hf_gam.data import load_digits_split
 
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    def ds(x, y):
+        return torch.utils.data.TensorDataset(torch.tensor(x.reshape(len(x), -1), dtype=torch.float32), torch.tensor(y))
+
+    x_tr, y_tr, x_te, y_te = load_digits_split()
     g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    cut = int(0.8 * len(y))
-    ds = lambda idx: torch.utils.data.TensorDataset(x[idx], y[idx])  # noqa: E731
-    return (torch.utils.data.DataLoader(ds(perm[:cut]), batch_size=batch_size, shuffle=True, generator=g),
-            torch.utils.data.DataLoader(ds(perm[cut:]), batch_size=256))
+    return (torch.utils.data.DataLoader(ds(x_tr, y_tr), batch_size=batch_size, shuffle=True, generator=g),
+            torch.utils.data.DataLoader(ds(x_te, y_te), batch_size=256))
 
 
 def main(argv=None) -> None:

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reproduce_label_noise import METHODS, RESULTS, fmt, load_digits_split, train_digits  # noqa: E402
+from reproduce_label_noise import METHODS, RESULTS, digits_tensors, fmt, train_digits  # noqa: E402
 
 from hf_gam.flatness import hessian_eigenvalues, hessian_trace  # noqa: E402 (exact HVPs, the model left as it was)
 
@@ -37,7 +37,7 @@ def measure(model, batches, k, lanczos_iter, trace_samples):
 
 
 def run(methods, seeds, epochs, k, lanczos_iter, trace_samples, log=print):
-    data = load_digits_split()
+    data = digits_tensors()
     x_tr, y_tr = data[0], data[1]
     batches = [{"pixel_values": x_tr[i:i + 512], "labels": y_tr[i:i + 512]} for i in range(0, len(y_tr), 512)]
     mid = max(1, epochs // 2)

@@ -35,7 +35,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PrinterCallback, Tra
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from hf_gam import GAMConfig, GAMTrainer
-from hf_gam.data import symmetric_label_noise
+from hf_gam.data import load_digits_split, symmetric_label_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -60,16 +60,12 @@ class DigitsSet(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def load_digits_split(test_size: float = 0.3, split_seed: int = 0):
-    """Digits as float tensors in [0, 1] (``(n, 64)``) with a fixed stratified split: x_tr, y_tr, x_te, y_te."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target, dtype=torch.long)
-    tr, te = train_test_split(np.arange(len(y)), test_size=test_size, random_state=split_seed, stratify=d.target)
-    return x[tr], y[tr], x[te], y[te]
+def digits_tensors(test_size: float = 0.3, split_seed: int = 0):
+    """Digits (:func:`hf_gam.data.load_digits_split`) as float tensors in [0, 1] (``(n, 64)``) and labels:
+    x_tr, y_tr, x_te, y_te."""
+    x_tr, y_tr, x_te, y_te = load_digits_split(test_size, split_seed)
+    flat = lambda x: torch.tensor(x.reshape(len(x), -1), dtype=torch.float32)  # noqa: E731
+    return flat(x_tr), torch.tensor(y_tr, dtype=torch.long), flat(x_te), torch.tensor(y_te, dtype=torch.long)
 
 
 def flip_labels(y: torch.Tensor, rate: float, num_classes: int, seed: int) -> torch.Tensor:
@@ -132,7 +128,7 @@ def train_digits(method: str, seed: int, *, noise: float = 0.0, epochs: int = 30
     """Train the digits MLP with one method; returns ``(model, test accuracy per epoch)``. ``on_epoch(model,
     epoch)`` is called after every epoch (e.g. to measure flatness mid-training)."""
     torch.set_num_threads(threads)
-    x_tr, y_tr, x_te, y_te = data if data is not None else load_digits_split()
+    x_tr, y_tr, x_te, y_te = data if data is not None else digits_tensors()
     y_noisy = flip_labels(y_tr, noise, 10, seed=1000 + seed)
     torch.manual_seed(seed)
     model = DigitsMLP(DigitsMLPConfig())
@@ -159,7 +155,7 @@ def fmt(values: list[float]) -> str:
 
 
 def run(noises, seeds, epochs, methods, log=print):
-    data = load_digits_split()
+    data = digits_tensors()
     best = {(n, m): [] for n in noises for m in methods}
     final = {(n, m): [] for n in noises for m in methods}
     seconds = {m: 0.0 for m in methods}

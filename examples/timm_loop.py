@@ -31,15 +31,11 @@ class DigitsImages(torch.utils.data.Dataset):
     """sklearn's digits as RGB PIL images (shipped with scikit-learn: no download)."""
 
     def __init__(self, train: bool, transform=None):
-        import numpy as np
-        from PIL import Image
-        from sklearn.datasets import load_digits
+        from hf_gam.data import load_digits_dataset
 
-        x, y = load_digits(return_X_y=True)
-        idx = np.random.default_rng(0).permutation(len(y))
-        idx = idx[: int(0.8 * len(y))] if train else idx[int(0.8 * len(y)):]
-        self.images = [Image.fromarray((x[i].reshape(8, 8) * 255 / 16).astype("uint8")).convert("RGB") for i in idx]
-        self.labels, self.transform, self.classes = [int(y[i]) for i in idx], transform, list(range(10))
+        split = load_digits_dataset()["train" if train else "test"]
+        self.images = [image.convert("RGB") for image in split["image"]]
+        self.labels, self.transform, self.classes = list(split["label"]), transform, list(range(10))
 
     def __len__(self):
         return len(self.labels)

@@ -9,7 +9,8 @@ Floors, each importing only from those below it (``tests/test_architecture.py`` 
 - :mod:`hf_gam.flatness`: diagnostics (uses :mod:`hf_gam.core.functional` only); :mod:`hf_gam.metrics`: the
   ``evaluate`` modules shipped in the package; :mod:`hf_gam.data`: datasets and transforms.
 - :mod:`hf_gam.cli`: ``hf-gam train`` and ``hf-gam flatness`` on top of everything.
-- ``errors.py`` and ``formatting.py``: leaves any floor may use.
+- ``errors.py`` (``UserError``, the one base of user errors) and ``formatting.py``: leaves any floor may use;
+  ``testing.py``: tiny models and data for tests and benchmarks (the package never imports it).
 """
 
 from . import flatness, optim

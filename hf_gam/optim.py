@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .core.directions import MODES, GAMHyper
-from .core.oracles import WindowOracle
+from .core.collectives import shard_layout
+from .core.oracles import SHARDED_HVP_REASON, SHARDED_LOCAL_REASON, WindowOracle
 from .core.step import apply_direction_step, loss_scale_of
 
 __all__ = ["GAM", "SAM"]
@@ -73,6 +74,23 @@ class _ClosureOracle(WindowOracle):
         g = self._materialize([None if x is None else (x if create_graph else x.detach()) for x in grads])
         return loss.detach(), g
 
+    def _backward_pass(self, batch, factor: float) -> Tensor:
+        """FSDP2: the closure's gradient in ``p.grad``, reduce-scattered by FSDP. A graph-style closure gets its
+        ``backward`` here: ``torch.autograd.grad`` would return None for sharded parameters, and the step would not
+        move the weights."""
+        self.passes += 1
+        with torch.enable_grad():
+            loss = self.loss_fn(batch)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"GAM.step: the closure must return the loss tensor; got {type(loss).__name__}")
+        if all(p.grad is None for p in self.params):  # graph style
+            if loss.grad_fn is None:
+                raise ValueError("GAM.step: the closure returned a loss without autograd graph and ran no backward; "
+                                 "return the loss computed under grad mode (not .item()/.detach()), or call "
+                                 "loss.backward() inside the closure")
+            (loss if factor == 1.0 else loss * factor).backward()
+        return loss.detach()
+
     def _graph_grad(self, loss: Tensor, create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         scaled = loss if self.loss_scale is None else loss * self.loss_scale
         g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True)
@@ -108,6 +126,12 @@ class GAM(Optimizer):
         perturbation: ``"local"``: each process computes its direction from its own batch, then one all-reduce
             (mean) of the directions; ``"global"``: every pass's gradient (and HVP) is averaged over processes
             inside the oracle, so all processes perturb with the global gradient (equal per-process batches).
+            ``None`` (default): ``"global"`` on FSDP2-sharded parameters, ``"local"`` otherwise.
+
+    **FSDP2** (parameters sharded by ``fully_shard``, the root module included): ``none``, ``sam`` (``adaptive``) and
+    ``gam_fast`` run with a global perturbation, in both closure styles; every pass runs ``backward()`` and FSDP
+    reduce-scatters its gradient; the math runs on the local shards. Exact-HVP modes and ``perturbation="local"``
+    are refused at construction (docs/fsdp.md).
         **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...) when it is a class.
 
     **The closure** takes no argument and computes the loss of the current batch *at the current weights*; ``step``
@@ -136,11 +160,11 @@ class GAM(Optimizer):
                  adaptive: bool | None = None, every: int = 1, rho_schedule: str = "constant",
                  rho_min_ratio: float = 0.5, max_grad_norm: float | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None, model: nn.Module | None = None,
-                 perturbation: str = "local", **kwargs: Any):
+                 perturbation: str | None = None, **kwargs: Any):
         self.hyper = GAMHyper.for_mode(mode, rho=rho, alpha=alpha, sam_rho=sam_rho, rho_prime=rho_prime, beta=beta,
                                      gamma=gamma, eps=eps, variant=variant, adaptive=adaptive)
         GAMHyper.check(every=every, rho_schedule=rho_schedule, rho_min_ratio=rho_min_ratio,
-                       perturbation=perturbation, max_grad_norm=max_grad_norm)
+                       max_grad_norm=max_grad_norm, **({} if perturbation is None else {"perturbation": perturbation}))
         if isinstance(base_optimizer, Optimizer):
             if kwargs:
                 raise TypeError(f"GAM: base optimizer arguments {sorted(kwargs)} given with a base optimizer "
@@ -160,6 +184,7 @@ class GAM(Optimizer):
         self.every, self.rho_schedule, self.rho_min_ratio = every, rho_schedule, rho_min_ratio
         self.max_grad_norm, self.grad_scaler, self.model, self.perturbation = (max_grad_norm, grad_scaler, model,
                                                                                  perturbation)
+        self.perturbation = _perturbation_for(self.hyper.mode, self._params(), perturbation)
         self.peak_lr = float(self.param_groups[0].get("initial_lr", self.param_groups[0]["lr"]))
         self.step_count = 0
         self.last_stats: dict[str, Tensor] = {}
@@ -264,6 +289,19 @@ class SAM(GAM):
         # davda54/sam's signature: SAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs), rho positional too
         kwargs.setdefault("mode", "sam")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
+
+
+def _perturbation_for(mode: str, params: list[Tensor], perturbation: str | None) -> str:
+    """The perturbation to run (unset: ``"global"`` on FSDP2-sharded parameters, ``"local"`` otherwise), after
+    refusing, before any compute, what cannot run on sharded parameters."""
+    if shard_layout(params) is None:
+        return perturbation or "local"
+    if MODES[mode].hvp:
+        raise ValueError(f"mode={mode!r} does not run under FSDP2: {SHARDED_HVP_REASON}")
+    if perturbation == "local":
+        raise ValueError(f"perturbation='local' does not run under FSDP2: {SHARDED_LOCAL_REASON}; leave perturbation "
+                         "unset (global under FSDP2)")
+    return "global"
 
 
 def _flat_params(params: Iterable) -> list[Tensor]:

@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_gam"
 FLOORS = {
     "hf_gam.errors": set(),
     "hf_gam.formatting": set(),
+    "hf_gam.testing": set(),
     "hf_gam.core": {"hf_gam.core"},
     "hf_gam.metrics": {"hf_gam.metrics", "hf_gam.errors"},
     "hf_gam.data": {"hf_gam.data", "hf_gam.errors"},

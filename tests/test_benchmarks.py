@@ -110,3 +110,22 @@ def test_reproduce_flatness_quick(tmp_path):
         assert len(eig) == 3 and eig == sorted(eig, reverse=True) and eig[0] > 0
         assert out[m]["end"][0]["trace"] > 0
     assert "| GAM |" in md.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_memory_quick(tmp_path):
+    """benchmarks/fsdp_memory.py end to end (torchrun, 2 CPU processes; about a minute): per process FSDP2 holds half
+    of DDP's parameters, gradients and optimizer state, and the buffers held across passes are the rule's (sam: the
+    saved weights; gam_fast: the saved weights, h- and h+), counted in the process's own parameter size."""
+    bench = _load("benchmarks/fsdp_memory.py", "bench_fsdp_memory")
+    result = bench.main(["--quick", "--out", str(tmp_path / "fsdp_memory.md")])
+    rows = {(r["wrapper"], r["mode"]): r for r in result["rows"] if r["rank"] == 0}
+    ddp, fsdp = rows[("ddp", "gam_fast")], rows[("fsdp2", "gam_fast")]
+    for key in ("params", "grads", "optimizer_state"):
+        assert abs(fsdp[key] / ddp[key] - 0.5) < 0.02, key
+    for wrapper in ("ddp", "fsdp2"):
+        for mode, buffers in (("none", 0), ("sam", 1), ("gam_fast", 3)):
+            r = rows[(wrapper, mode)]
+            assert r["held_across_passes"] / r["params"] == pytest.approx(buffers, abs=0.05), (wrapper, mode)
+    assert "| FSDP2 |" in (tmp_path / "fsdp_memory.md").read_text()

@@ -1,15 +1,14 @@
 """hf_gam.data: registry, loading of Hub-layout copies with the real `datasets.load_dataset` path, normalization,
-validation carving, label noise, transforms. Offline; tiny copies from conftest."""
+validation carving, label noise. Offline; tiny copies from conftest. (The transforms: test_transforms.py.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from testing_utils import HUB_LAYOUTS, random_image, write_hub_copy, write_readme
 
-from hf_gam.data import (AUGMENTS, DATASETS, DataArguments, DataError, apply_label_noise, build_transforms, collate,
-                         load_digits_dataset, load_image_data, split_files, with_transform)
+from hf_gam.data import (DATASETS, DataArguments, DataError, apply_label_noise, load_digits_dataset, load_image_data,
+                         split_files)
 
 
 def test_registry_knows_the_papers_datasets():
@@ -83,40 +82,6 @@ def test_label_noise_recorded_and_validated(hub_copies):
     assert data.noise == {"rate": 0.5, "flipped": 4, "total": 8, "seed": 0}
     with pytest.raises(DataError, match="label_noise"):
         load_image_data(DataArguments(label_noise=1.5))
-
-
-def _processors(tiny_vit_dir, tiny_timm_dir):
-    from transformers import AutoImageProcessor
-
-    return [AutoImageProcessor.from_pretrained(tiny_vit_dir), AutoImageProcessor.from_pretrained(tiny_timm_dir)]
-
-
-@pytest.mark.parametrize("augment", AUGMENTS)
-def test_augment_presets_give_model_sized_tensors(augment, tiny_vit_dir, tiny_timm_dir):
-    rng = np.random.default_rng(0)
-    images = [random_image(rng, i) for i in range(4)]  # RGB, grayscale, odd sizes, RGBA
-    for processor in _processors(tiny_vit_dir, tiny_timm_dir):
-        train_tf, eval_tf = build_transforms(processor, augment, autoaugment_policy="cifar10")
-        for tf in (train_tf, eval_tf):
-            for im in images:
-                out = tf(im.convert("RGB"))
-                assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-
-
-def test_with_transform_and_collate_batch(hub_copies, tiny_vit_dir):
-    from transformers import AutoImageProcessor
-
-    data = load_image_data(DataArguments(dataset="pets", dataset_path=str(hub_copies["pets"])))
-    train_tf, _ = build_transforms(AutoImageProcessor.from_pretrained(tiny_vit_dir), "basic")
-    batch = collate([with_transform(data.train, train_tf)[i] for i in range(4)])
-    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].dtype == torch.long
-
-
-def test_unknown_augment_is_an_error(tiny_vit_dir):
-    from transformers import AutoImageProcessor
-
-    with pytest.raises(DataError, match="augment must be one of"):
-        build_transforms(AutoImageProcessor.from_pretrained(tiny_vit_dir), "mixup")
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -159,14 +159,6 @@ def test_deepspeed_refused_at_construction(tmp_path):
         GAMTrainer(model=tiny_model(), args=args, train_dataset=tiny_data())
 
 
-def test_fsdp_refused_at_construction_with_advice(tmp_path):
-    args = sgd_args(tmp_path, gam_mode="gam_fast")
-    args.fsdp = ["full_shard"]
-    with pytest.raises(ValueError, match="FSDP") as err:
-        GAMTrainer(model=tiny_model(), args=args, train_dataset=tiny_data())
-    assert "DDP" in str(err.value) and "gam_mode='none'" in str(err.value)
-
-
 class LiveTensorCounter(TrainerCallback):
     def __init__(self):
         self.counts = []

@@ -1,7 +1,8 @@
-"""Which transform is which: for every augmenting preset the eval transform is the image processor alone
-(deterministic, whatever the RNG), and the train transform augments (its output differs from eval's and varies from
-call to call). Checked on a non-constant image, where a pad-crop or a flip changes the pixels, with an HF ViT
-processor and a timm model's processor."""
+"""The transforms of ``hf-gam train`` (``hf_gam.data.build_transforms``): every augmentation preset gives
+model-sized tensors from images of any size and mode; for every augmenting preset the eval transform is the image
+processor alone (deterministic, whatever the RNG) and the train transform augments (its output differs from eval's
+and varies from call to call; checked on a non-constant image, where a pad-crop or a flip changes the pixels), with
+an HF ViT processor and a timm model's processor; rows and batches for the Trainer; an unknown preset is an error."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from testing_utils import random_image
 
-from hf_gam.data import AUGMENTS, build_transforms
+from hf_gam.data import AUGMENTS, DataArguments, DataError, build_transforms, collate, load_image_data, with_transform
 
 AUGMENTING = [a for a in AUGMENTS if a != "none"]
 
@@ -57,3 +58,31 @@ def test_no_augmentation_trains_on_the_eval_transform(processors):
         train_tf, eval_tf = build_transforms(processor, "none")
         torch.manual_seed(0)
         assert torch.equal(train_tf(image), eval_tf(image))
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_augment_presets_give_model_sized_tensors(augment, processors):
+    rng = np.random.default_rng(0)
+    images = [random_image(rng, i) for i in range(4)]  # RGB, grayscale, odd sizes, RGBA
+    for processor in processors:
+        train_tf, eval_tf = build_transforms(processor, augment, autoaugment_policy="cifar10")
+        for tf in (train_tf, eval_tf):
+            for im in images:
+                out = tf(im.convert("RGB"))
+                assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+
+
+def test_with_transform_and_collate_batch(hub_copies, tiny_vit_dir):
+    from transformers import AutoImageProcessor
+
+    data = load_image_data(DataArguments(dataset="pets", dataset_path=str(hub_copies["pets"])))
+    train_tf, _ = build_transforms(AutoImageProcessor.from_pretrained(tiny_vit_dir), "basic")
+    batch = collate([with_transform(data.train, train_tf)[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["labels"].dtype == torch.long
+
+
+def test_unknown_augment_is_an_error(tiny_vit_dir):
+    from transformers import AutoImageProcessor
+
+    with pytest.raises(DataError, match="augment must be one of"):
+        build_transforms(AutoImageProcessor.from_pretrained(tiny_vit_dir), "mixup")

@@ -17,57 +17,15 @@ from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassif
 
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.core.directions import MODES
+from hf_gam.testing import TensorDataset, TinyMLP, TinyMLPConfig
 
 ALL_MODES = list(MODES)
 
 
-class TinyConfig(PretrainedConfig):
-    model_type = "hf-gam-tiny-mlp"
-
-    def __init__(self, in_dim=6, hidden=10, num_labels=3, batchnorm=False, **kwargs):
-        self.in_dim, self.hidden, self.batchnorm = in_dim, hidden, batchnorm
-        super().__init__(num_labels=num_labels, **kwargs)
-
-
-class TinyMLP(PreTrainedModel):
-    """``in_dim -> hidden (tanh) -> num_labels``: 6*10+10+10*3+3 = 103 parameters by default (smooth, so its
-    Hessian is informative everywhere). ``batchnorm=True`` adds a BatchNorm1d after the first layer."""
-
-    config_class = TinyConfig
-    main_input_name = "pixel_values"
-
-    def __init__(self, config: TinyConfig):
-        super().__init__(config)
-        self.fc1 = nn.Linear(config.in_dim, config.hidden)
-        self.bn = nn.BatchNorm1d(config.hidden) if config.batchnorm else nn.Identity()
-        self.fc2 = nn.Linear(config.hidden, config.num_labels)
-        self.post_init()
-
-    def _init_weights(self, module):
-        pass  # keep PyTorch's default init (seeded by the test)
-
-    def forward(self, pixel_values, labels=None, **kwargs):
-        logits = self.fc2(torch.tanh(self.bn(self.fc1(pixel_values))))
-        loss = None
-        if labels is not None:
-            loss = ForSequenceClassificationLoss(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
-class TensorDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 def tiny_model(seed=0, dtype=torch.float64, **config):
+    """A seeded :class:`~hf_gam.testing.TinyMLP` (103 parameters by default) in ``dtype``."""
     torch.manual_seed(seed)
-    return TinyMLP(TinyConfig(**config)).to(dtype)
+    return TinyMLP(TinyMLPConfig(**config)).to(dtype)
 
 
 def tiny_data(n=16, in_dim=6, num_labels=3, seed=1, dtype=torch.float64):
@@ -131,7 +89,7 @@ def assert_unchanged(model, snap):
     assert torch.equal(snap["rng"], now["rng"]), "the global RNG was used"
 
 
-# Heads of transformers' classification losses: (TinyConfig kwargs, label maker(generator, n)).
+# Heads of transformers' classification losses: (TinyMLPConfig kwargs, label maker(generator, n)).
 HEADS = {
     "single_label": ({}, lambda g, n: torch.randint(0, 3, (n,), generator=g)),
     "ignore_index": ({}, lambda g, n: torch.where(torch.rand(n, generator=g) < 0.3, -100,
@@ -287,6 +245,15 @@ def sgd_args(tmp_path, **kw):
                 save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
     base.update(kw)
     return GAMConfig(**base)
+
+
+def train_args(tmp_path, cls=GAMConfig, **kw):
+    """Arguments of a short CPU run (3 steps, batch 4, accumulation 2), as ``cls`` (``TrainingArguments`` too)."""
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3,
+                learning_rate=0.1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                logging_steps=1, seed=0)
+    base.update(kw)
+    return cls(**base)
 
 
 def ref_kwargs(args):

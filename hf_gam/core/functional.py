@@ -1,15 +1,19 @@
 """Pure tensor math of GAM and its SAM relatives, on lists of tensors.
 
 Every function here takes and returns lists of tensors (one per trainable parameter) and knows nothing about the
-Trainer, accelerate, processes or I/O. Names follow the paper (Zhang et al., "Gradient Norm Aware Minimization Seeks
-First-Order Flatness and Improves Generalization", CVPR 2023): ``rho`` (ρ), ``rho_prime`` (ρ'), ``alpha`` (α),
-``beta`` (β), ``gamma`` (γ), ``eps`` (ξ), ``g0..g3`` and ``h_plus`` / ``h_minus`` of Algorithm 2.
+Trainer, accelerate or I/O. Sharded parameters (FSDP2 DTensors) are the one thing it knows of processes: copies
+run shard by shard, and norms and inner products add their per-shard sums over the shards
+(:mod:`hf_gam.core.collectives`), on DTensors or on local shards while ``summing_over_shards`` is active.
+
+Names follow the paper (Zhang et al., "Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves
+Generalization", CVPR 2023): ``rho`` (ρ), ``rho_prime`` (ρ'), ``alpha`` (α), ``beta`` (β), ``gamma`` (γ), ``eps``
+(ξ), ``g0..g3`` and ``h_plus`` / ``h_minus`` of Algorithm 2.
 
 The kernels are ``torch._foreach_*`` (one launch per op for the whole list) where one exists; the tests check them
 against a plain per-tensor loop in float64.
 
-The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.core.directions`; they call these, and
-this module imports nothing of the package.
+The mode-level algorithms (which passes, where to perturb) live in :mod:`hf_gam.core.directions`; they call these,
+and this module imports only :mod:`hf_gam.core.collectives`.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from .collectives import ShardLayout, active_shards, is_sharded, local_views, shard_layout, sum_over_shards
+
 TensorList = list[Tensor]
 
 __all__ = [
     "global_norm",
     "dot",
+    "dots",
     "ascent_step",
     "ascent_step_",
     "add_",
@@ -44,19 +51,46 @@ def global_norm(tensors: Sequence[Tensor], weights: Sequence[Tensor] | None = No
     """L2 norm of all ``tensors`` taken together, ``‖v‖``; with ``weights`` the norm of ``|weights| * v`` (ASAM's
     ``‖T·v‖``). Returns a 0-dim tensor in the dtype of the first tensor (float32 at least, so bf16 norms do not
     round the threshold), on its device."""
-    if weights is not None:
-        tensors = torch._foreach_mul(torch._foreach_abs(list(weights)), list(tensors))
     if len(tensors) == 0:
         raise ValueError("global_norm needs at least one tensor")
+    tensors, layout = _as_shards(tensors)
+    if weights is not None:
+        tensors = torch._foreach_mul(torch._foreach_abs(_as_shards(weights)[0]), tensors)
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    norms = torch._foreach_norm(list(tensors))
+    norms = torch._foreach_norm(tensors)
     if any(n.dtype != dtype for n in norms):
         norms = [n.to(dtype) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    if layout is None:
+        return torch.linalg.vector_norm(torch.stack(norms))
+    # shards: their squared norms add up, in one collective
+    return sum_over_shards(torch.stack(norms).square().sum().reshape(1), layout)[0].sqrt()
+
+
+def _as_shards(tensors: Sequence[Tensor]) -> tuple[TensorList, ShardLayout | None]:
+    """``tensors`` as plain tensors, with the layout whose shards they are: FSDP2 DTensors become their local
+    shards; plain tensors are local shards while :func:`hf_gam.core.collectives.summing_over_shards` is active."""
+    if is_sharded(tensors[0]):
+        return local_views(tensors), shard_layout(tensors)
+    return list(tensors), active_shards()
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """Inner product ``<a, b>`` over all tensors together (a 0-dim tensor)."""
+    return dots([(a, b)])[0]
+
+
+def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
+    """The inner products ``<a, b>`` of several pairs, as a vector; over shards (FSDP2) the partial sums of all
+    pairs are added in one collective."""
+    layout, parts = None, []
+    for a, b in pairs:
+        (a, layout), (b, _) = _as_shards(a), _as_shards(b)
+        parts.append(_local_dot(a, b))
+    local = torch.stack(parts)
+    return local if layout is None else sum_over_shards(local, layout)
+
+
+def _local_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     dtype = torch.promote_types(a[0].dtype, torch.float32)
     def flat(t: Tensor) -> Tensor:
         return t.reshape(-1) if t.dtype == dtype else t.reshape(-1).to(dtype)
@@ -103,9 +137,10 @@ def add_(params: Sequence[Tensor], e: Sequence[Tensor]) -> None:
 
 
 def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
-    """``dst[:] = src`` in place, bit for bit."""
+    """``dst[:] = src`` in place, bit for bit; FSDP2 DTensors shard by shard (``aten._foreach_copy_`` has no DTensor
+    rule)."""
     with torch.no_grad():
-        torch._foreach_copy_(list(dst), list(src))
+        torch._foreach_copy_(local_views(dst), local_views(src))
 
 
 def axpy(y: Sequence[Tensor], a: float | Tensor, x: Sequence[Tensor]) -> TensorList:
@@ -158,7 +193,8 @@ def h_minus_(g0: list[Tensor], g2: Sequence[Tensor], beta: float, variant: str =
 def gam_fast_final_(h_plus: list[Tensor], h_minus: Sequence[Tensor], gamma: float, eps: float) -> list[Tensor]:
     """``d = h+ - γ h-⊥`` (Algorithm 2, lines 15-16) with ``h-⊥ = h- - (<h-, h+> / (‖h+‖² + ξ)) h+`` the part of
     ``h-`` orthogonal to ``h+``; built in ``h_plus``'s storage and returned."""
-    coef = dot(h_minus, h_plus) / (global_norm(h_plus) ** 2 + eps)
+    inner, square = dots([(h_minus, h_plus), (h_plus, h_plus)])  # one collective over shards
+    coef = inner / (square + eps)
     # d = h+ - γ h- + γ coef h+ = (1 + γ coef) h+ - γ h-
     torch._foreach_mul_(h_plus, (1.0 + gamma * coef).to(h_plus[0].dtype))
     torch._foreach_add_(h_plus, list(h_minus), alpha=-gamma)

@@ -19,12 +19,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .collectives import all_reduce_, world_size
+from .collectives import all_reduce_, local_view, local_views, shard_layout, world_size
 from .functional import hvp, second_order_context
 
 LossFn = Callable[[], Tensor]
+SHARDED_HVP_REASON = ("exact Hessian-vector products need double backward, which fully_shard (FSDP2) does not give "
+                      "(the gradients come back None and carry no graph); use a first-order mode: sam or gam_fast")
+SHARDED_LOCAL_REASON = "it needs each process's unsharded gradient; FSDP2 reduce-scatters it"
 
-__all__ = ["BatchNormGuard", "WindowOracle", "MicroBatchOracle", "LossFn"]
+__all__ = ["BatchNormGuard", "WindowOracle", "MicroBatchOracle", "LossFn", "SHARDED_HVP_REASON",
+           "SHARDED_LOCAL_REASON"]
 
 
 class BatchNormGuard:
@@ -67,6 +71,11 @@ class WindowOracle:
     and later passes' changes are undone by :meth:`close` (call it in a ``finally``; after a failure it puts back
     the statistics of before the step). ``pass_context`` wraps every
     pass (e.g. ``accelerator.no_sync(model)``). ``passes`` counts the forward passes run.
+
+    FSDP2 (``params`` sharded by ``fully_shard``, ``self.shards`` set): gradients come from ``backward()``, which FSDP
+    reduce-scatters (:meth:`_sharded_sweep`); they are returned as local shards. Exact HVPs and a local perturbation
+    are refused (``ValueError``). ``pass_context`` must then not skip FSDP's gradient sync: every pass needs the
+    global gradient.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[Tensor], batches: Sequence, loss_fn: Callable,
@@ -78,6 +87,9 @@ class WindowOracle:
         self.loss_fn = loss_fn
         self.pass_context = pass_context
         self.reduce = reduce and world_size() > 1
+        self.shards = shard_layout(self.params)
+        if self.shards is not None and not self.reduce and world_size() > 1:
+            raise ValueError(f"a local perturbation does not run under FSDP2: {SHARDED_LOCAL_REASON}")
         self.weights: list[Tensor] | None = None
         if self.reduce or len(self.batches) > 1:
             counts = torch.stack([torch.as_tensor(count_fn(b)).double().cpu() for b in self.batches])
@@ -129,12 +141,12 @@ class WindowOracle:
         g = torch.autograd.grad(scaled, self.params, create_graph=create_graph, allow_unused=True)
         return loss, self._materialize(g)
 
-    def _materialize(self, g) -> tuple[Tensor, ...]:
-        """Zeros for the parameters the loss does not reach (the direction math needs every tensor), remembering
-        which it did reach: the caller leaves the others' ``p.grad`` as ``None``, as autograd does, so the optimizer
-        does not decay or move them."""
+    def _materialize(self, g, like: Sequence[Tensor] | None = None) -> tuple[Tensor, ...]:
+        """Zeros (shaped as ``like``, default the parameters) for the parameters the loss does not reach (the direction
+        math needs every tensor), remembering which it did reach: the caller leaves the others' ``p.grad`` as
+        ``None``, as autograd does, so the optimizer does not decay or move them."""
         out = []
-        for i, (p, x) in enumerate(zip(self.params, g)):
+        for i, (p, x) in enumerate(zip(self.params if like is None else like, g)):
             if x is None:
                 out.append(torch.zeros_like(p))
             else:
@@ -143,6 +155,8 @@ class WindowOracle:
         return tuple(out)
 
     def _grad_sweep(self) -> tuple[Tensor, list[Tensor]]:
+        if self.shards is not None:
+            return self._sharded_sweep()
         losses, grads = [], []
         for batch in self.batches:
             with self.pass_context():
@@ -152,12 +166,45 @@ class WindowOracle:
         loss, g = self._combine(losses, grads)
         return loss, self._unscale(g)
 
+    def _sharded_sweep(self) -> tuple[Tensor, list[Tensor]]:
+        """FSDP2: ``torch.autograd.grad`` on sharded parameters returns None (the graph's leaves are FSDP's unsharded
+        copies), so every pass runs ``backward()``; FSDP reduce-scatters and averages the gradient over processes
+        into ``p.grad``, so no gradient is all-reduced here. Micro-batch ``i``'s loss is weighted by its share times
+        the process count (FSDP averages) and the gradients accumulate in ``p.grad``; only the loss is all-reduced.
+        Returns this process's shards of the gradient; ``p.grad`` is left as it was (earlier micro-batches' share)."""
+        kept = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        processes = world_size() if self.reduce else 1
+        losses = []
+        for i, batch in enumerate(self.batches):
+            share = 1.0 if self.weights is None else float(self.weights[i]) * processes
+            with self.pass_context():
+                losses.append(self._backward_pass(batch, share * (self.loss_scale or 1.0)))
+        grads = [None if p.grad is None else local_view(p.grad) for p in self.params]
+        for p, k in zip(self.params, kept):
+            p.grad = k
+        g = list(self._materialize(grads, like=local_views(self.params)))
+        loss = losses[0] if self.weights is None else sum(w.to(l.dtype) * l for w, l in zip(self.weights, losses))
+        if self.reduce:
+            all_reduce_([loss])
+        return loss, self._unscale(g)
+
+    def _backward_pass(self, batch, factor: float) -> Tensor:
+        """One pass whose gradient lands in ``p.grad``: ``backward`` of ``factor`` times the loss. Returns the loss."""
+        self.passes += 1
+        loss = self.loss_fn(batch)
+        (loss if factor == 1.0 else loss * factor).backward()
+        return loss.detach()
+
     def grad(self) -> tuple[Tensor, list[Tensor]]:
         loss, g = self._grad_sweep()
         self._after_call()
         return loss, g
 
     def grad_hvp(self, v_fn: Callable[[list[Tensor]], list[Tensor]]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        if self.shards is not None:
+            raise ValueError(f"exact-HVP modes do not run under FSDP2: {SHARDED_HVP_REASON}")
         if self.weights is None:  # one micro-batch, no reduction: gradient and HVP from one graph
             with self.pass_context(), second_order_context():
                 loss, g = self._pass(self.batches[0], create_graph=True)

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .collectives import average_grads_over_processes_, reached_on_any_process
+from .collectives import (average_grads_over_processes_, local_view, local_views, reached_on_any_process,
+                          sharded_like, summing_over_shards)
 from .directions import MODES, GAMHyper
 from .functional import global_norm
 from .oracles import WindowOracle
@@ -28,18 +29,19 @@ def accumulate_grads_(params: list[Tensor], d: list[Tensor], weight: Tensor | fl
     gradients: no parameter-sized copy when the layouts match). A new ``p.grad`` gets
     the parameter's own layout, as autograd's accumulation gives it: ``autograd.grad`` can return another
     one (channels-last inputs, ``torch.compile``), which fused optimizers (transformers' default
-    ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements."""
+    ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements.
+    FSDP2: ``d`` holds local shards; a new ``p.grad`` is the DTensor around them (no copy)."""
     with torch.no_grad():
         torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
         have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
         if have:
-            torch._foreach_add_([params[i].grad for i in have], [d[i] for i in have])
+            torch._foreach_add_([local_view(params[i].grad) for i in have], [d[i] for i in have])
         for i in [i for i, p in enumerate(params) if p.grad is None and reached[i]]:
             p, di = params[i], d[i]
-            if di.dtype == p.dtype and di.stride() == p.stride():
-                p.grad = di
-            else:
-                p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(di)
+            shard = local_view(p)
+            if di.dtype != shard.dtype or di.stride() != shard.stride():
+                di = torch.empty_like(shard, memory_format=torch.preserve_format).copy_(di)
+            p.grad = sharded_like(di, p)
 
 
 def loss_scale_of(scaler, device: torch.device) -> float | None:
@@ -71,7 +73,16 @@ def run_passes(hyper: GAMHyper, params: Sequence[Tensor], oracle: WindowOracle,
       the whole step (and the scheduler with it) and lowers the scale; ``stats["overflow"] = 1``.
     - Otherwise a non-finite perturbed pass: the step falls back to the clean gradient
       (``stats["nonfinite_fallback"] = 1``); a non-finite clean pass: ``FloatingPointError`` naming it.
+    - FSDP2 (``oracle.shards``): the direction is computed on the local shards of ``params`` (views sharing their
+      storage) with norms and inner products summed over the shards; ``d`` holds local shards.
     """
+    # FSDP2: the math on local shards, norms and inner products over all of them
+    with summing_over_shards(getattr(oracle, "shards", None)):
+        return _checked_direction(hyper, local_views(params), oracle)
+
+
+def _checked_direction(hyper: GAMHyper, params: list[Tensor], oracle: WindowOracle,
+                       ) -> tuple[list[Tensor], dict[str, Tensor]]:
     try:
         d, stats = compute_direction(hyper, params, oracle)
         d_norm = stats.pop("direction_norm", None)

@@ -14,6 +14,7 @@ from .loading import (
     build_transforms,
     collate,
     load_digits_dataset,
+    load_digits_split,
     load_image_data,
     split_files,
     symmetric_label_noise,
@@ -21,5 +22,6 @@ from .loading import (
 )
 
 __all__ = ["AUGMENTS", "DATASETS", "DataArguments", "DataError", "DatasetSpec", "ImageData", "apply_label_noise",
-           "build_transforms", "collate", "load_digits_dataset", "load_image_data", "split_files", "symmetric_label_noise",
+           "build_transforms", "collate", "load_digits_dataset", "load_digits_split",
+           "load_image_data", "split_files", "symmetric_label_noise",
            "with_transform"]

@@ -25,7 +25,7 @@ from .transforms import AUGMENTS, Augment, build_transforms, collate, with_trans
 logger = logging.getLogger(__name__)
 
 __all__ = ["AUGMENTS", "DATASETS", "DataArguments", "DataError", "DatasetSpec", "ImageData", "apply_label_noise",
-           "build_transforms", "collate", "load_digits_dataset", "load_image_data", "split_files",
+           "build_transforms", "collate", "load_digits_dataset", "load_digits_split", "load_image_data", "split_files",
            "symmetric_label_noise", "with_transform"]
 
 
@@ -109,22 +109,32 @@ class ImageData:
     eval_total: int | None = None  # rows of the evaluation split before --max_eval_samples
 
 
-def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
-    """sklearn's 8x8 digits (1,797 images, 10 classes) as a ``DatasetDict`` with a stratified train/test split."""
-    from PIL import Image as PILImage
+def load_digits_split(test_size: float = 0.2, seed: int = 0):
+    """sklearn's 8x8 digits (1,797 images, 10 classes; shipped with scikit-learn, no download) with a stratified
+    train/test split: ``(x_train, y_train, x_test, y_test)``, pixels as float arrays ``(n, 8, 8)`` in [0, 1]. The one
+    way the package, its examples and its benchmarks load digits."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    pixels = digits.images / 16.0
     tr, te = train_test_split(np.arange(len(pixels)), test_size=test_size, random_state=seed, stratify=digits.target)
+    return pixels[tr], digits.target[tr], pixels[te], digits.target[te]
+
+
+def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
+    """:func:`load_digits_split` as a ``DatasetDict`` of grayscale PIL images (``image``) and ``ClassLabel`` labels."""
+    from PIL import Image as PILImage
+
+    x_train, y_train, x_test, y_test = load_digits_split(test_size, seed)
     features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
 
-    def build(idx):
-        return Dataset.from_dict({"image": [PILImage.fromarray(pixels[i], mode="L") for i in idx],
-                                  "label": digits.target[idx].tolist()}, features=features)
+    def build(x, y):
+        pixels = np.round(x * 255.0).astype(np.uint8)
+        return Dataset.from_dict({"image": [PILImage.fromarray(p, mode="L") for p in pixels], "label": y.tolist()},
+                                 features=features)
 
-    return DatasetDict({"train": build(tr), "test": build(te)})
+    return DatasetDict({"train": build(x_train, y_train), "test": build(x_test, y_test)})
 
 
 def _open_source(args: DataArguments) -> Source:

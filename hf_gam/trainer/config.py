@@ -20,6 +20,14 @@ CONFIG_NAMES = {"mode": "gam_mode", "rho": "gam_rho", "alpha": "gam_alpha", "sam
 HYPER_FIELDS = tuple(f.name for f in fields(GAMHyper))
 
 
+def _defaults_by_mode(name: str) -> str:
+    """``"gam_fast 0.2, sam 0.05, otherwise 0.04"``: a default of every mode, read from the registry (``--help``)."""
+    values = {mode: spec.defaults[name] for mode, spec in MODES.items()}
+    common = max(set(values.values()), key=list(values.values()).count)
+    return ", ".join([f"{mode} {value:g}" for mode, value in values.items() if value != common]
+                     + [f"otherwise {common:g}"])
+
+
 @dataclass
 class GAMConfig(TrainingArguments):
     r"""
@@ -33,11 +41,11 @@ class GAMConfig(TrainingArguments):
             with SAM's gradient as oracle) or `"gam_fast"` (Algorithm 2, four first-order passes: the released
             code's algorithm and the default; exact `"gam"` is opt-in).
         gam_rho (`float` or `None`, *optional*, defaults to `None`):
-            ρ, radius of the ascent on the gradient norm. `None` takes the mode's default: 0.2 for `gam_fast` (the
-            released code), 0.05 for `sam`, 0.04 otherwise (paper, CIFAR-10).
+            ρ, radius of the ascent on the gradient norm. `None` takes the mode's default (`MODES[mode].defaults`,
+            tabled in docs/algorithms.md).
         gam_alpha (`float` or `None`, *optional*, defaults to `None`):
-            α, weight of the first-order flatness term (Algorithm 1) or of `g1` in `h+` (Algorithm 2). `None`: 0.6
-            for `gam_fast` (released code, CIFAR-100), 0.1 otherwise (paper App. C.5).
+            α, weight of the first-order flatness term (Algorithm 1) or of `g1` in `h+` (Algorithm 2). `None` takes
+            the mode's default.
         sam_rho (`float` or `None`, *optional*, defaults to `None`):
             ρ of the SAM oracle (`sam`, `gam_sam`); `None` means equal to `gam_rho`.
         gam_rho_prime (`float`, *optional*, defaults to `0.02`):
@@ -77,13 +85,13 @@ class GAMConfig(TrainingArguments):
     )
     gam_rho: float | None = field(
         default=None,
-        metadata={"help": "ρ (rho): radius of the ascent on the gradient norm. Default by mode: gam_fast 0.2, "
-                  "sam 0.05, otherwise 0.04."},
+        metadata={"help": "ρ (rho): radius of the ascent on the gradient norm. Default by mode: "
+                  f"{_defaults_by_mode('rho')}."},
     )
     gam_alpha: float | None = field(
         default=None,
         metadata={"help": "α (alpha): weight of the first-order flatness term (Alg. 1) or of g1 in h+ (Alg. 2). "
-                  "Default by mode: gam_fast 0.6, otherwise 0.1."},
+                  f"Default by mode: {_defaults_by_mode('alpha')}."},
     )
     sam_rho: float | None = field(
         default=None, metadata={"help": "ρs: radius of the SAM oracle (modes sam, gam_sam); default: gam_rho."}

@@ -1,6 +1,6 @@
 """What ``GAMTrainer`` converts or refuses at construction, before any compute: plain ``TrainingArguments`` become a
-``GAMConfig``; FSDP, DeepSpeed and accelerate's regional compilation are refused where the passes cannot run; and the
-uncompiled module the exact-HVP passes run on."""
+``GAMConfig``; DeepSpeed, FSDP1, what FSDP2 cannot run, and accelerate's regional compilation are refused where the
+passes cannot run; and the uncompiled module the exact-HVP passes run on."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .config import GAMConfig
 from ..core.directions import MODES
+from ..core.oracles import SHARDED_HVP_REASON, SHARDED_LOCAL_REASON
+from .config import GAMConfig
 
-__all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "uncompiled"]
+__all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "enabled_fsdp_version",
+           "uncompiled"]
 
 logger = logging.get_logger(__name__)
 
@@ -58,18 +60,46 @@ def refuse_regional_compilation(args: GAMConfig, plugin) -> None:
             f"first-order mode ({working}).")
 
 
-def refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp: bool) -> None:
-    """DeepSpeed and FSDP cannot run the passes: refuse them at construction, before any compute."""
-    if args.gam_mode == "none":
+DEEPSPEED_REASON = ("ZeRO partitions gradients into its own buffers, so p.grad is None after backward, and ZeRO-2/3 "
+                    "refuse a second backward before step() (\"Gradient computed twice for this partition\"), while "
+                    "every mode but 'none' runs several backward passes per step")
+FSDP1_REASON = ("FSDP1 parameters are flattened shards (FlatParameter, or views into them), not DTensors: hf_gam "
+                "cannot tell that they are sharded, so its norms would cover one process's shard")
+
+
+def refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp_version: int | None) -> None:
+    """What cannot run the passes, refused at construction, before any compute, with the reason and the way out:
+    DeepSpeed; FSDP1; under FSDP2 (``fsdp_version=2``) the exact-HVP modes and the local perturbation. First-order
+    modes with the global perturbation run under FSDP2 (:mod:`hf_gam.core` on the local shards; docs/fsdp.md).
+    ``fsdp_version`` is the version accelerate enabled (``None``: no FSDP; with ``use_cpu`` transformers and
+    accelerate fall back to DDP, so nothing is refused for FSDP's sake)."""
+    mode = args.gam_mode
+    if mode == "none":
         return
     if deepspeed:
-        raise ValueError(
-            f"gam_mode={args.gam_mode!r} does not work with DeepSpeed: it steps the optimizer inside backward and "
-            "partitions gradients, while GAM/SAM need the full gradient between passes. Launch with DDP instead "
-            "(accelerate launch --multi_gpu, or torchrun), or use gam_mode='none'.")
-    if fsdp:
-        raise ValueError(
-            f"gam_mode={args.gam_mode!r} does not work with FSDP: FSDP shards parameters and gradients, and the "
-            "passes (sam, gnp, gam, gam_sam, gam_fast) need the full gradient and full weights on every process to "
-            "perturb and restore them (exact-HVP modes also need double backward, which FSDP does not support). "
-            "Launch with DDP instead (accelerate launch --multi_gpu, or torchrun); gam_mode='none' runs under FSDP.")
+        raise ValueError(f"gam_mode={mode!r} does not run under DeepSpeed: {DEEPSPEED_REASON}. Use FSDP2 "
+                         "(fsdp='full_shard', fsdp_config={'version': 2}) with sam or gam_fast, or DDP, or "
+                         "gam_mode='none'.")
+    if fsdp_version is None:
+        return
+    if fsdp_version != 2:
+        raise ValueError(f"gam_mode={mode!r} does not run under FSDP1: {FSDP1_REASON}. Use FSDP2: "
+                         "fsdp_config={'version': 2} (transformers' default), or gam_mode='none'.")
+    if MODES[mode].hvp:
+        raise ValueError(f"gam_mode={mode!r} does not run under FSDP2: {SHARDED_HVP_REASON}, or DDP for exact GAM.")
+    if args.gam_perturbation != "global":
+        raise ValueError(f"gam_perturbation={args.gam_perturbation!r} does not run under FSDP2: "
+                         f"{SHARDED_LOCAL_REASON}. Set gam_perturbation='global' (every pass over the global batch).")
+
+
+def enabled_fsdp_version(trainer) -> int | None:
+    """The FSDP version accelerate enabled for ``trainer`` (``None``: none). ``args.fsdp`` alone does not tell:
+    with ``use_cpu`` transformers and accelerate silently run DDP; that is logged here."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1))
+    if trainer.args.fsdp:
+        logger.warning("GAMTrainer: fsdp=%s is not active on this device (accelerate enables FSDP on accelerators "
+                       "only; with use_cpu it runs DDP): gam_mode=%r runs as under DDP", trainer.args.fsdp,
+                       trainer.args.gam_mode)
+    return None

@@ -24,6 +24,7 @@ What is converted or refused at construction lives in :mod:`hf_gam.trainer.guard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -34,7 +35,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import GAMConfig
-from .guards import as_gam_config, refuse_regional_compilation, refuse_sharded_engines, uncompiled
+from .guards import (as_gam_config, enabled_fsdp_version, refuse_regional_compilation, refuse_sharded_engines,
+                     uncompiled)
 from .hub import BackgroundPushes, push_retrying_once
 from ..core.directions import MODES
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
@@ -62,9 +64,9 @@ class GAMTrainer(Trainer):
             args = GAMConfig(output_dir="trainer_output")
         elif not isinstance(args, GAMConfig):
             args = as_gam_config(args)
-        refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
+        refuse_sharded_engines(args, deepspeed=bool(args.deepspeed), fsdp_version=None)
         super().__init__(model, args, *a, **kw)
-        refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=enabled_fsdp_version(self))
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         self._hub_pushes = BackgroundPushes()
         self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
@@ -168,7 +170,7 @@ class GAMTrainer(Trainer):
         if self.args.gam_perturbation == "global":
             return self._global_perturbation_step(model, params, inputs)
         oracle = MicroBatchOracle(model, params, lambda: self._mean_loss(model, inputs), loss_scale=self._loss_scale(),
-                                  pass_context=lambda: self.accelerator.no_sync(model))
+                                  pass_context=self._pass_context(model))
         hyper = self._hyper()
         weight = self._micro_batch_weight(inputs, num_items_in_batch)
         stats = apply_direction_step(hyper, params, oracle, weight=weight,
@@ -184,11 +186,18 @@ class GAMTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         window, self._gam_window = self._gam_window, []
         oracle = WindowOracle(model, params, window, lambda b: self._mean_loss(model, b), self._num_items,
-                              loss_scale=self._loss_scale(), pass_context=lambda: self.accelerator.no_sync(model))
+                              loss_scale=self._loss_scale(), pass_context=self._pass_context(model))
         hyper = self._hyper()
         stats = apply_direction_step(hyper, params, oracle)
         self._record(stats, hyper)
         return stats["loss"].to(self.args.device, torch.float32)
+
+    def _pass_context(self, model: nn.Module):
+        """What wraps every pass: DDP's ``no_sync`` (the oracle reduces what must be global); nothing under FSDP2,
+        whose ``no_sync`` would skip the reduce-scatter every pass needs (the gradients the oracle reads)."""
+        if getattr(self.accelerator, "is_fsdp2", False):
+            return contextlib.nullcontext
+        return lambda: self.accelerator.no_sync(model)
 
     def _hyper(self):
         """This step's hyper-parameters (radii follow the learning rate under ``lr_proportional``)."""
