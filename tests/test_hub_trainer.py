@@ -93,8 +93,11 @@ def test_hub_strategies_and_failed_background_pushes(hub, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
 
     every = hub.commits("me/every_save")
-    assert [c.message for c in every[1:]] == ["Training in progress, step 1", "Training in progress, step 2",
-                                             "End of training"]
+    messages = [c.message for c in every[1:]]
+    # the stock background push reads output_dir when it runs: when step 2's save lands first, step 1's commit
+    # carries step 2's files and step 2's push finds nothing new (no empty commit), so step 2 may not show
+    assert messages[0] == "Training in progress, step 1" and messages[-1] == "End of training", messages
+    assert set(messages) <= {"Training in progress, step 1", "Training in progress, step 2", "End of training"}
     assert all(not any("checkpoint" in p for p in c.files) for c in every)
     assert {"model.safetensors", "config.json", "README.md"} <= _paths(every[-1])
 

@@ -18,7 +18,8 @@ from typing import TypeVar
 
 from ..errors import HubPushError
 
-__all__ = ["BackgroundPushes", "HubPushError", "describe_error", "is_transient", "push_retrying_once"]
+__all__ = ["BackgroundPushes", "HubPushError", "describe_error", "final_push", "is_transient",
+           "push_retrying_once"]
 
 logger = logging.getLogger(__name__)
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
@@ -54,6 +55,15 @@ def push_retrying_once(push: Callable[[], Result], repo_id: str | None) -> Resul
                        f"{RETRY_PAUSE_S:g} s")
     time.sleep(RETRY_PAUSE_S)
     return push()
+
+
+def final_push(push: Callable[[], Result], background: BackgroundPushes, repo_id: str | None,
+               blocking: bool = True) -> Result:
+    """The end-of-training push: ``push()`` (:func:`push_retrying_once` when ``blocking``), then
+    :meth:`BackgroundPushes.raise_failed` (the stock push waits for the background ones before uploading)."""
+    result = push_retrying_once(push, repo_id) if blocking else push()
+    background.raise_failed(repo_id)
+    return result
 
 
 class BackgroundPushes:

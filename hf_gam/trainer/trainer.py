@@ -37,7 +37,7 @@ from transformers.utils import logging
 from .config import GAMConfig
 from .guards import (as_gam_config, enabled_fsdp_version, refuse_regional_compilation, refuse_sharded_engines,
                      uncompiled)
-from .hub import BackgroundPushes, push_retrying_once
+from .hub import BackgroundPushes, final_push
 from ..core.directions import MODES
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
 from ..core.collectives import all_reduce_, world_size
@@ -308,17 +308,11 @@ class GAMTrainer(Trainer):
     # --------------------------------------------------------------------------------------------- Hub
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
                     token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
-        """``Trainer.push_to_hub`` (saves the model, writes the GAM card, uploads ``output_dir``), run once more
-        after a transient failure; then :class:`~hf_gam.trainer.hub.HubPushError` if a ``hub_strategy`` push during
-        training failed (:mod:`hf_gam.trainer.hub`)."""
-
-        def push():
-            return super(GAMTrainer, self).push_to_hub(commit_message, blocking, token, revision, private,
-                                                      **dict(kwargs))
-
-        result = push_retrying_once(push, self.hub_model_id or self.args.hub_model_id) if blocking else push()
-        self._hub_pushes.raise_failed(self.hub_model_id)
-        return result
+        """``Trainer.push_to_hub`` through :func:`hf_gam.trainer.hub.final_push`: run once more after a transient
+        failure, then :class:`~hf_gam.errors.HubPushError` if a ``hub_strategy`` push during training failed."""
+        stock = super().push_to_hub
+        return final_push(lambda: stock(commit_message, blocking, token, revision, private, **dict(kwargs)),
+                          self._hub_pushes, self.hub_model_id or self.args.hub_model_id, blocking)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The stock background push of a save (``hub_strategy``), its futures watched: a failure is logged with
