@@ -21,7 +21,7 @@ class WriteError(OSError):
 def _temporary_name(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     root, ext = os.path.splitext(name)  # the extension stays last: writers that infer the format from it still work
-    return os.path.join(folder, f".{root}.tmp-{os.getpid()}{ext}")
+    return os.path.join(folder, f"_{root}.tmp-{os.getpid()}{ext}")  # "_*": skipped by the Trainer's Hub uploads
 
 
 def _fsync_folder(folder: str) -> None:
@@ -100,7 +100,7 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[str]:
     import shutil
 
     folder = os.fspath(folder)
-    tmp = os.path.join(folder, f".staging.tmp-{os.getpid()}")
+    tmp = os.path.join(folder, f"_staging.tmp-{os.getpid()}")
     try:
         os.makedirs(tmp, exist_ok=True)
         yield tmp

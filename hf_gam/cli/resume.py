@@ -22,7 +22,7 @@ __all__ = ["PREEMPTED_STATUS", "Preempted", "resume_point"]
 
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM
 FINISHED_MARKERS = ("all_results.json", "train_results.json")
-_OURS = re.compile(r"^(checkpoint-\d+|runs|\..*\.tmp-\d+.*|\.staging\.tmp-\d+)$")  # written while a run is going
+_OURS = re.compile(r"^(checkpoint-\d+|runs|_.*\.tmp-\d+.*)$")  # written while a run is going
 
 
 class Preempted(Exception):
