@@ -339,11 +339,13 @@ def test_logged_rho_of_sam_is_its_own_radius(tmp_path):
 
 
 def test_docstring_names_every_override():
-    """The module docstring's list of overrides is complete: every Trainer method GAMTrainer redefines is named."""
+    """The module docstring's list of overrides is complete: every Trainer method GAMTrainer or one of its hf_gam
+    mixins redefines is named."""
     import hf_gam.trainer.trainer as module
     from transformers import Trainer
 
-    overrides = sorted(name for name in vars(GAMTrainer) if callable(getattr(Trainer, name, None)))
+    own = [cls for cls in GAMTrainer.__mro__ if cls.__module__.startswith("hf_gam.")]
+    overrides = sorted({name for cls in own for name in vars(cls) if callable(getattr(Trainer, name, None))})
     assert "training_step" in overrides and "_load_best_model" in overrides
     missing = [name for name in overrides if f"``{name}``" not in module.__doc__]
     assert not missing, f"overrides missing from hf_gam.trainer.trainer's docstring: {missing}"

@@ -7,7 +7,9 @@
   the checkpoint that is still whole;
 - model files, metrics and the trainer state are written to temporary names and renamed (:mod:`hf_gam.atomic`);
 - SIGTERM with ``enable_jit_checkpoint``: every process saves the same step, then ``train`` returns with
-  :attr:`preempted` set (:mod:`hf_gam.trainer.preemption`).
+  :attr:`preempted` set (:mod:`hf_gam.trainer.preemption`);
+- ``gam_state.json`` (the trainer's ``gam_counters``) next to the optimizer state, and checkpoint weights restored
+  strictly through the model's key conversion (:mod:`hf_gam.trainer.checkpoints`), for resume and the best model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import json
 import os
 from typing import Any
 
+from torch import nn
+
 from ..atomic import atomic_save, atomic_write_json, staged_folder
+from .resume import GAM_STATE_NAME
 
 __all__ = ["DurableTrainerMixin"]
 
@@ -94,3 +99,32 @@ class DurableTrainerMixin:
     def save_state(self) -> None:
         if self.is_world_process_zero():
             atomic_save(os.path.join(self.args.output_dir, "trainer_state.json"), self.state.save_to_json)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Also write ``gam_state.json`` (the counters; the ``gam_every`` phase is ``global_step`` and the ρ
+        schedule follows the restored learning-rate scheduler, so nothing else is needed to resume exactly)."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            atomic_write_json(os.path.join(output_dir, GAM_STATE_NAME), {"version": 1, "counters": self.gam_counters})
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, GAM_STATE_NAME) if checkpoint else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                self.gam_counters.update(json.load(f)["counters"])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume restores every tensor, through the model's own key conversion, or fails loudly
+        (:mod:`hf_gam.trainer.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
+        from .checkpoints import restore_checkpoint_weights
+
+        if not restore_checkpoint_weights(self, resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights, restored as in :meth:`_load_from_checkpoint`."""
+        from .checkpoints import restore_checkpoint_weights
+
+        if not restore_checkpoint_weights(self, self.state.best_model_checkpoint):
+            super()._load_best_model()

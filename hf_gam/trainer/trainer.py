@@ -17,13 +17,13 @@ Overrides, and nothing else:
 - ``create_model_card``: the GAM card (:mod:`hf_gam.trainer.card`), when that module is available.
 - ``push_to_hub``, ``_push_from_checkpoint``: a push is retried once after a transient failure, and a failed
   background push (``hub_strategy``) is logged and raised at the final push (:mod:`hf_gam.trainer.hub`).
-- ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
-  conversion (:mod:`hf_gam.trainer.checkpoints`).
-- ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``: also write and read ``gam_state.json`` (the
-  fallback and overflow counters) next to the optimizer state (written atomically).
 - From :class:`~hf_gam.trainer.durable.DurableTrainerMixin` (interrupted runs, docs/reliability.md): ``train`` (resume
   from the newest complete checkpoint), ``_save_checkpoint`` (commit marker after every process, rotation after it),
-  ``_save``, ``save_metrics``, ``save_state`` (atomic files), and the SIGTERM stop all processes agree on.
+  ``_save``, ``save_metrics``, ``save_state`` (atomic files), and the SIGTERM stop all processes agree on;
+  ``_load_from_checkpoint``, ``_load_best_model`` (checkpoint weights restored strictly through the model's key
+  conversion, :mod:`hf_gam.trainer.checkpoints`); ``_save_optimizer_and_scheduler``,
+  ``_load_optimizer_and_scheduler`` (also write and read ``gam_state.json``, the fallback and overflow counters,
+  next to the optimizer state, atomically).
 
 What is converted or refused at construction lives in :mod:`hf_gam.trainer.guards`.
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import os
 from typing import Any
 
@@ -41,13 +40,12 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from ..atomic import atomic_save, atomic_write_json
+from ..atomic import atomic_save
 from .durable import DurableTrainerMixin
 from .guards import enabled_fsdp_version, refuse_regional_compilation, refuse_sharded_engines, uncompiled
 from .hub import BackgroundPushes, final_push
 from ..core.directions import MODES
 from .integrations import integration_for
-from .resume import GAM_STATE_NAME
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
 from ..core.collectives import all_reduce_, world_size
 from ..core.oracles import MicroBatchOracle, WindowOracle
@@ -343,33 +341,3 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
         super()._push_from_checkpoint(checkpoint_folder)
         if getattr(self, "push_in_progress", None) is not None:
             self._hub_pushes.watch(self.push_in_progress.jobs, self.state.global_step, self.hub_model_id)
-
-    # ------------------------------------------------------------------------------------- checkpoints
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Also write ``gam_state.json`` (the counters; the ``gam_every`` phase is ``global_step`` and the ρ
-        schedule follows the restored learning-rate scheduler, so nothing else is needed to resume exactly)."""
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            atomic_write_json(os.path.join(output_dir, GAM_STATE_NAME), {"version": 1, "counters": self.gam_counters})
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, GAM_STATE_NAME) if checkpoint else None
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                self.gam_counters.update(json.load(f)["counters"])
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Resume restores every tensor, through the model's own key conversion, or fails loudly
-        (:mod:`hf_gam.trainer.checkpoints`; the stock method skips ViT's / Swin's legacy-named tensors silently)."""
-        from .checkpoints import restore_checkpoint_weights
-
-        if not restore_checkpoint_weights(self, resume_from_checkpoint, model):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: the best checkpoint's weights, restored as in :meth:`_load_from_checkpoint`."""
-        from .checkpoints import restore_checkpoint_weights
-
-        if not restore_checkpoint_weights(self, self.state.best_model_checkpoint):
-            super()._load_best_model()
