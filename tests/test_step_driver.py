@@ -46,3 +46,59 @@ def test_custom_accelerate_loop_step_under_fp16_grad_scaler_is_the_plain_step():
     for got, want in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())
+
+
+class OpCounter:
+    """Counts the aten ops run inside (a TorchDispatchMode: every kernel call, whichever module issues it)."""
+
+    def __enter__(self):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_accumulate_grads_with_weight_one_runs_no_parameter_sized_multiply():
+    """GAM.step and the global-perturbation Trainer step pass weight 1: d becomes p.grad as it is (no
+    ``_foreach_mul_`` over every parameter, a full read and write of the gradients per step); other weights scale."""
+    from hf_gam.core.step import accumulate_grads_
+
+    params = [torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64)) for _ in range(2)]
+    d = [torch.randn(3, 2, dtype=torch.float64) for _ in range(2)]
+    expected = [x.clone() for x in d]
+    with OpCounter() as ops:
+        accumulate_grads_(params, d, 1.0, [True, True])
+    assert ops.counts["_foreach_mul_"] == 0, dict(ops.counts)
+    assert all(p.grad is x for p, x in zip(params, d))  # the direction itself, no copy
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+    accumulate_grads_(params, [x.clone() for x in expected], 0.5, [True, False])
+    torch.testing.assert_close(params[0].grad, 1.5 * expected[0], rtol=0, atol=0)
+    assert torch.equal(params[1].grad, expected[1])
+
+
+def test_plain_direction_takes_one_norm():
+    """Mode ``none`` (and GAM.step's steps skipped by ``every``): ‖d‖ = ‖g‖, so the finiteness check of run_passes
+    reuses the norm instead of taking it again (under FSDP2 each norm is a collective)."""
+    from hf_gam.core.oracles import MicroBatchOracle
+    from hf_gam.core.step import run_passes
+
+    model, data = tiny_model(), tiny_data(n=8)
+    params = list(model.parameters())
+    oracle = MicroBatchOracle(model, params, lambda: F.cross_entropy(model(data.x).logits, data.y))
+    with OpCounter() as ops:
+        d, stats = run_passes(GAMHyper.for_mode("none"), params, oracle)
+    assert ops.counts["_foreach_norm"] == 1, dict(ops.counts)
+    torch.testing.assert_close(stats["grad_norm"], torch.linalg.vector_norm(torch.cat([x.reshape(-1) for x in d])))

@@ -32,7 +32,8 @@ def accumulate_grads_(params: list[Tensor], d: list[Tensor], weight: Tensor | fl
     ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements.
     FSDP2: ``d`` holds local shards; a new ``p.grad`` is the DTensor around them (no copy)."""
     with torch.no_grad():
-        torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
+        if not (isinstance(weight, (int, float)) and weight == 1):  # a weight of 1: no parameter-sized pass
+            torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
         have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
         if have:
             torch._foreach_add_([local_view(params[i].grad) for i in have], [d[i] for i in have])
