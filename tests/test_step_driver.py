@@ -102,3 +102,40 @@ def test_plain_direction_takes_one_norm():
         d, stats = run_passes(GAMHyper.for_mode("none"), params, oracle)
     assert ops.counts["_foreach_norm"] == 1, dict(ops.counts)
     torch.testing.assert_close(stats["grad_norm"], torch.linalg.vector_norm(torch.cat([x.reshape(-1) for x in d])))
+
+
+class FirstParameterUnused(torch.nn.Module):
+    """Its first parameter is one the loss never reaches (a mask token, an unused head): p.grad stays None."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mask_token = torch.nn.Parameter(torch.zeros(4))
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_fp16_overflow_skips_the_step_when_the_first_parameter_is_unreached():
+    """An overflow must reach the GradScaler through a parameter that gets a gradient: otherwise the scaler sees
+    finite (zero) gradients, steps (momentum and weight decay move the weights) and never lowers the scale."""
+    from hf_gam.optim import GAM
+
+    model, data = FirstParameterUnused(), tiny_data(n=8, dtype=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = GAM(model.parameters(), torch.optim.SGD, lr=1.0, momentum=0.9, weight_decay=0.1, mode="sam", rho=0.1,
+              grad_scaler=scaler)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(data.x), data.y)
+        return loss * float("inf") if len(calls) == 2 else loss  # the perturbed pass overflows
+
+    opt.step(closure)
+    assert opt.last_stats.get("overflow") is not None
+    assert scaler.get_scale() == 2.0 ** 9
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta0))
+    assert not opt.base_optimizer.state

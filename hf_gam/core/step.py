@@ -97,8 +97,8 @@ def _checked_direction(hyper: GAMHyper, params: list[Tensor], oracle: WindowOrac
         return d, stats
     if oracle.loss_scale is not None:
         oracle.close(failed=True)
-        d = [torch.zeros_like(p) for p in params]
-        d[0].fill_(float("inf"))
+        # inf in every tensor: the scaler must see it through whichever parameters the loss reached
+        d = [torch.full_like(p, float("inf")) for p in params]
         return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
     if not clean_ok:
         oracle.close(failed=True)
