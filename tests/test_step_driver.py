@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from testing_utils import tiny_data, tiny_model
@@ -134,8 +135,10 @@ def test_fp16_overflow_skips_the_step_when_the_first_parameter_is_unreached():
         loss = F.cross_entropy(model(data.x), data.y)
         return loss * float("inf") if len(calls) == 2 else loss  # the perturbed pass overflows
 
-    opt.step(closure)
+    loss = opt.step(closure)
     assert opt.last_stats.get("overflow") is not None
+    # the step returns the clean pass's (finite) loss, as the plain step would, not NaN
+    assert loss.item() == pytest.approx(F.cross_entropy(model(data.x), data.y).item(), rel=1e-6)
     assert scaler.get_scale() == 2.0 ** 9
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta0))
     assert not opt.base_optimizer.state

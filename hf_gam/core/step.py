@@ -99,7 +99,7 @@ def _checked_direction(hyper: GAMHyper, params: list[Tensor], oracle: WindowOrac
         oracle.close(failed=True)
         # inf in every tensor: the scaler must see it through whichever parameters the loss reached
         d = [torch.full_like(p, float("inf")) for p in params]
-        return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
+        return d, {"overflow": torch.ones(()), "loss": stats["loss"]}  # the clean pass's loss, as computed
     if not clean_ok:
         oracle.close(failed=True)
         raise FloatingPointError(
