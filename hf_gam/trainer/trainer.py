@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .guards import enabled_fsdp_version, refuse_regional_compilation, refuse_sharded_engines, uncompiled
+from .guards import (enabled_fsdp_version, refuse_data_parallel, refuse_regional_compilation,
+                     refuse_sharded_engines, uncompiled)
 from ..core.directions import MODES
 from .integrations import integration_for
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
@@ -71,6 +72,7 @@ class GAMTrainer(Trainer):
         super().__init__(*bound.args, **bound.kwargs)
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=enabled_fsdp_version(self))
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
+        refuse_data_parallel(args)
         self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
