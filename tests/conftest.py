@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from testing_utils import HUB_LAYOUTS, TIMM_VIT_16PX, tiny_timm, tiny_vit, write_hub_copy  # noqa: E402
+from local_hub import local_hub  # noqa: E402, F401 (fixture: a local Hub behind HF_ENDPOINT, tests/local_hub.py)
 
 
 @pytest.fixture(scope="session")

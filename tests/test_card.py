@@ -57,7 +57,11 @@ def test_local_base_model_is_not_a_hub_link(tmp_path):
     trainer = trained(tmp_path / "out", tiny_vit(name_or_path=local))
     trainer.create_model_card(dataset="my local images")
     card = ModelCard.load(tmp_path / "out" / "README.md")
-    assert card.data.base_model is None and card.data.datasets is None and card.data.eval_results is None
+    assert card.data.base_model is None and card.data.datasets is None
+    # a local dataset: its name is the model-index's dataset type, as in the stock Trainer's card
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.dataset_name, result.metric_type) == ("my local images", "my local images",
+                                                                              "accuracy")
     assert "huggingface.co/" + str(local) not in card.text and "huggingface.co//" not in card.text
     assert "This model is an image classifier trained on my local images" in card.text
 

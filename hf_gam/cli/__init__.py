@@ -3,7 +3,9 @@
 process group) and model loading (:mod:`~hf_gam.cli.models`).
 
 User errors (bad flags, unknown datasets, missing columns, unreadable models, a push that cannot succeed) are
-printed as one ``hf-gam: error: ...`` line with exit status 2, before anything is computed or written.
+printed as one ``hf-gam: error: ...`` line with exit status 2, before anything is computed or written. A push to
+the Hub that fails after training succeeded is one such line with exit status 3, naming the saved output folder,
+the repo and the ``hf upload`` command that pushes it later (:mod:`~hf_gam.cli.push`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..errors import UserError
+from ..errors import HubPushError, UserError
 from .common import end_process_group, exit_process
 from .flatness import flatness_main
 from .train import train_main
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # every user error of every floor, one line, exit status 2
         print(f"hf-gam: error: {err}", file=sys.stderr)
         status = 2
+    except HubPushError as err:  # training succeeded, the push did not: the line says how to push it later
+        print(f"hf-gam: error: {err}", file=sys.stderr)
+        status = 3
     except SystemExit as exit_:  # argparse: --help (0) or a bad flag (2, message already printed)
         status = exit_.code if isinstance(exit_.code, int) else 2
     except BaseException:

@@ -150,8 +150,8 @@ def load_model(args: ModelArguments, class_names: list[str], default_image_size:
         config = AutoConfig.from_pretrained(args.model, **hub, **labels)
         processor = AutoImageProcessor.from_pretrained(args.model, **hub)
     except Exception as err:  # noqa: BLE001 - unreadable/offline/unknown: a user error with the cause
-        raise ModelLoadError(f"model: could not load {args.model!r}: {type(err).__name__}: {_first_line(err)}") \
-            from err
+        raise ModelLoadError(f"model: could not load {args.model!r}: {type(err).__name__}: {_first_line(err)}"
+                             f"{_missing_folder_hint(args.model)}") from err
     _check_image_classifier(args.model, config)
     if getattr(config, "label_names", None) is not None:  # timm wrapper: saved as label_names, which setdefault
         config.label_names = list(labels["id2label"].values())  # in to_dict would otherwise keep stale
@@ -174,6 +174,15 @@ def _check_image_classifier(name: str, config: PretrainedConfig) -> None:
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         raise ModelLoadError(f"model: {name!r} has model_type {config.model_type!r}, which has no image "
                              "classification head in transformers")
+
+
+def _missing_folder_hint(name: str) -> str:
+    """``outputs/x`` reads as a Hub id (owner ``outputs``) when no such folder exists; when its first part is a local
+    folder the user most likely meant a path: say so."""
+    head = name.split("/")[0]
+    if "/" in name and os.path.isdir(head):
+        return f" (tried as a Hub id: there is no local folder {name!r}, though {head + '/'!r} exists)"
+    return ""
 
 
 def _first_line(err: Exception) -> str:

@@ -6,7 +6,8 @@
 trains a small ResNet with GAM (``gam_fast``, the default mode) on sklearn's digits (embedded, no download): ~98% test
 accuracy in well under a minute on two idle CPU cores.
 
-User errors are printed as one ``hf-gam: error: ...`` line with exit status 2 (:mod:`hf_gam.cli`).
+User errors are printed as one ``hf-gam: error: ...`` line with exit status 2, a push that fails after training with
+exit status 3 (:mod:`hf_gam.cli`, :mod:`hf_gam.cli.push`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from ..flatness import defaults as flatness_defaults
 from ..metrics import DEFAULT_METRICS
 from .common import CONFIG_SUFFIXES, UsageError, check_flatness_args, config_to_argv, eval_batches, read_config_file
+from .push import check_push, push_trained
 
 logger = logging.getLogger("hf_gam.cli")
 
@@ -102,25 +104,6 @@ def parse_train_args(argv: list[str]):
     return model_args, data_args, run_args, args
 
 
-def check_push(args) -> None:
-    """Fail early, before any compute, when ``--push_to_hub`` cannot succeed (offline, no token, rejected token)."""
-    if not args.push_to_hub:
-        return
-    from huggingface_hub import HfApi, constants, get_token
-
-    if constants.HF_HUB_OFFLINE:
-        raise UsageError("push_to_hub: the Hugging Face Hub is unreachable in offline mode (HF_HUB_OFFLINE=1); "
-                         "unset it or drop --push_to_hub")
-    token = args.hub_token or get_token()
-    if not token:
-        raise UsageError("push_to_hub: no Hugging Face token found; run `hf auth login`, set HF_TOKEN, or pass "
-                         "--hub_token")
-    try:
-        HfApi().whoami(token=token)
-    except Exception as err:  # noqa: BLE001
-        raise UsageError(f"push_to_hub: the Hub did not accept the token ({type(err).__name__}: {err})") from err
-
-
 def _card_dataset_args(data, data_args) -> str | dict | None:
     """The model-index's dataset config (``--dataset_config``) or, when the classes come from a label column other
     than the dataset's default (``--cifar100_labels coarse``, ``--label_column``), loading arguments naming it."""
@@ -197,13 +180,14 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
 
     card = {"model_name": os.path.basename(os.path.normpath(args.output_dir)), "finetuned_from": loaded.base_model,
             "dataset": data.hub_id or data.name, "dataset_args": _card_dataset_args(data, data_args),
-            "results": metrics, "label_noise": data.noise, "eval_split": data.eval_split, "flatness": flat,
+            "results": metrics, "label_noise": data.noise, "flatness": flat,
+            "eval_split": None if _eval_subset(data, args.seed) else data.eval_split,  # a subset is not the split
             "extra": {"model": model_args.model, "from_scratch": loaded.from_scratch, "augment": augment,
                       "classes": len(data.class_names), "label_column": data.label_column,
                       "train_examples": len(data.train), "eval_split": data.eval_split,
                       **_eval_subset(data, args.seed), **model_summary(trainer.model)}}
     if args.push_to_hub:  # saves the model and writes the same card (GAMTrainer.create_model_card), then uploads
-        trainer.push_to_hub(commit_message="hf-gam train", **{k: v for k, v in card.items() if k != "model_name"})
+        push_trained(trainer, {k: v for k, v in card.items() if k != "model_name"})
     else:
         trainer.create_model_card(**card)
     if trainer.is_world_process_zero():

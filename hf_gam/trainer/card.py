@@ -6,15 +6,16 @@ schedule, label noise, the evaluation results (also as ``model-index`` entries, 
 does), the per-evaluation training-results table, framework versions, the paper's citation and the tags ``gam``,
 ``sam``, ``image-classification``. A PEFT adapter keeps PEFT's metadata (``library_name: peft``, the
 ``base_model:adapter:<base>`` and method tags) and the card says which adapter it is. ``base_model`` is written only
-for a Hub id (a local path would become a broken Hub link). ``GAMTrainer.create_model_card`` and ``hf-gam train``
-both render it.
+for a Hub id (a local path would become a broken Hub link, and the Hub refuses a card whose ``base_model`` it does
+not know): a name the user gave, or a name inferred from the model that resolves on the Hub (:func:`resolves_on_hub`).
+``GAMTrainer.create_model_card`` and ``hf-gam train`` both render it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ VERSIONED = ("hf-gam", "transformers", "torch", "torchvision", "timm", "datasets
 NOT_RESULTS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step", "loss")
 METRIC_NAMES = {"accuracy": ("accuracy", "Top-1 accuracy"), "top5_accuracy": ("accuracy", "Top-5 accuracy")}
 
-__all__ = ["render_model_card", "template_path", "TAGS", "is_hub_id", "adapter_facts", "training_results_table"]
+__all__ = ["render_model_card", "template_path", "TAGS", "is_hub_id", "resolves_on_hub", "adapter_facts",
+           "training_results_table"]
 
 
 def template_path() -> Path:
@@ -100,6 +102,28 @@ def is_hub_id(name: str | None) -> bool:
     return True
 
 
+def resolves_on_hub(name: str | None) -> bool:
+    """Whether ``name``, inferred from a model (``config._name_or_path``, a PEFT base) rather than named by the user,
+    is a model on the Hub: :func:`is_hub_id`, and, when the Hub is reachable, a model repo it knows
+    (``HfApi.model_info``). A relative folder such as ``outputs/x`` that is gone when the card is written is then
+    not linked (the Hub would refuse a ``base_model`` it does not know). Offline, or when the Hub does not answer,
+    the syntactic answer stands."""
+    if not is_hub_id(name):
+        return False
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        HfApi().model_info(name, timeout=10)
+    except HfHubHTTPError as err:  # 404 RepoNotFound (or 401 for a repo that is private to someone else)
+        return err.response is None or err.response.status_code not in (401, 404)
+    except Exception:  # noqa: BLE001 - unreachable: nothing learned
+        return True
+    return True
+
+
 def _eval_results(results: Mapping[str, Any], dataset_type: str | None, dataset_name: str | None,
                   split: str | None, dataset_args: str | Mapping[str, Any] | None) -> list[EvalResult]:
     """One model-index entry per numeric ``eval_*`` metric (loss and timings left out, as the stock card does)."""
@@ -119,10 +143,11 @@ def _eval_results(results: Mapping[str, Any], dataset_type: str | None, dataset_
     return out
 
 
-def adapter_facts(model: Any) -> dict[str, Any] | None:
+def adapter_facts(model: Any, is_base: Callable[[str | None], bool] = is_hub_id) -> dict[str, Any] | None:
     """What a PEFT model's card must say: ``{"method", "settings", "tags", "base_model"}`` (``None`` for a model
     without adapters). The tags are PEFT's own (``PeftModel._get_peft_specific_model_tags``: ``transformers``,
-    ``lora``, ``base_model:adapter:<base>``), the adapter tag only when the base is a Hub id."""
+    ``lora``, ``base_model:adapter:<base>``), the adapter tag only when ``is_base(base)`` (:func:`is_hub_id`, or
+    :func:`resolves_on_hub` for a base only inferred from the model)."""
     peft_config = getattr(model, "peft_config", None)
     if not isinstance(peft_config, Mapping) or not peft_config or not hasattr(model, "get_base_model"):
         return None
@@ -139,8 +164,10 @@ def adapter_facts(model: Any) -> dict[str, Any] | None:
     base = getattr(base_model, "name_or_path", None) or None
     tags = list(getattr(base_model, "model_tags", None) or [])  # as PeftModel.create_or_update_model_card
     tags += model._get_peft_specific_model_tags() if hasattr(model, "_get_peft_specific_model_tags") else []
-    tags = [t for t in tags if not t.startswith("base_model:adapter:") or is_hub_id(t.split(":", 2)[2])]
-    return {"method": method, "settings": settings, "tags": tags, "base_model": base if is_hub_id(base) else None}
+    linked = is_base(base)
+    tags = [t for t in tags if not t.startswith("base_model:adapter:")
+            or (linked if t.split(":", 2)[2] == base else is_hub_id(t.split(":", 2)[2]))]
+    return {"method": method, "settings": settings, "tags": tags, "base_model": base if linked else None}
 
 
 def training_results_table(log_history: Sequence[Mapping[str, Any]]) -> str:
@@ -173,11 +200,14 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
         label_noise: ``{"rate", "flipped", "total", "seed"}`` as :func:`hf_gam.data.load_image_data` records it.
         extra: more rows for the "Model and data" table (``architecture`` also names a from-scratch model).
         tags: tags added to ``gam``, ``sam``, ``image-classification``, ``hf-gam`` and the mode.
-        eval_split: split the ``eval_*`` results come from (metadata only).
+        eval_split: split the ``eval_*`` results come from (metadata only); ``None`` for results on a subset of
+            a split (``--max_eval_samples``), which are not that split's.
         flatness: a :func:`hf_gam.run_flatness` result: the card gets a flatness section with its numbers and its
             pictures (``flatness_dir`` is their folder relative to the card).
         license, language: card metadata, as in ``Trainer.create_model_card``.
-        dataset_tags: Hub dataset ids for the ``datasets`` metadata (default: ``dataset_name`` when a Hub id).
+        dataset_tags: dataset ids for the ``datasets`` metadata and the model-index's dataset type, trusted as given
+            (owner or not, as the stock Trainer); default: ``dataset_name`` when a Hub id. Without either the type
+            is ``dataset_name`` (a local dataset's name) and ``datasets`` is left out.
         dataset_args: the dataset's config name (``str``) or loading arguments (``dict``) for the model-index.
         adapter: :func:`adapter_facts` of a PEFT model: ``library_name: peft``, PEFT's tags, an adapter section.
         training_results: :func:`training_results_table` of the run's log history.
@@ -191,11 +221,13 @@ def render_model_card(args: Any, *, model_name: str, base_model: str | None = No
     every = max(1, int(getattr(args, "gam_every", 1) or 1))
     passes = (spec.passes + every - 1) / every if spec else 1
     base_model = base_model if is_hub_id(base_model) else None
-    hub_datasets = [d for d in ([dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or []))
-                    if is_hub_id(d)] or ([dataset_name] if is_hub_id(dataset_name) else [])
+    # as the stock Trainer: explicit dataset tags are trusted (owner or not); else the dataset's Hub id; a local
+    # dataset is not listed in `datasets`, and its name is the model-index's dataset type
+    explicit = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+    hub_datasets = explicit or ([dataset_name] if is_hub_id(dataset_name) else [])
     all_tags = list(dict.fromkeys(TAGS + [mode] + ([tags] if isinstance(tags, str) else list(tags or []))
                                   + list((adapter or {}).get("tags", []))))
-    eval_results = _eval_results(results, hub_datasets[0] if hub_datasets else None, dataset_name, eval_split,
+    eval_results = _eval_results(results, (hub_datasets or [dataset_name])[0], dataset_name, eval_split,
                                  dataset_args)
     card_data = ModelCardData(
         model_name=model_name, base_model=base_model, datasets=hub_datasets or None, tags=all_tags,

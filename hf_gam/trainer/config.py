@@ -145,7 +145,14 @@ class GAMConfig(TrainingArguments):
         base = type(self).__dict__.get("_gam_combined_with")
         if base is None:
             return super().__reduce_ex__(protocol)
-        return rebuild_combined, (GAMConfig, base, dict(self.__dict__))
+        return rebuild_combined, (GAMConfig, base, self.__getstate__())
+
+    def __getstate__(self) -> dict:
+        """Pickled without its tokens (``hub_token``): the Trainer writes ``training_args.bin`` into the output and
+        every checkpoint, and pushes them to the Hub; the stock ``TrainingArguments`` pickles the token in clear.
+        A copy made by pickling or ``copy`` has no token; this object keeps it."""
+        return {key: None if key.endswith("_token") and isinstance(value, str) else value
+                for key, value in self.__dict__.items()}
 
     def gam_hyper(self, lr: float | None = None, peak_lr: float | None = None) -> GAMHyper:
         """The step's hyper-parameters; with ``gam_rho_schedule="lr_proportional"`` the radii at learning rate

@@ -15,6 +15,8 @@ Overrides, and nothing else:
 - ``floating_point_ops``: counts the passes the mode runs.
 - ``log``: adds the per-step figures (``gam/grad_norm``, ``gam/ascent_grad_norm``, ``gam/r1``).
 - ``create_model_card``: the GAM card (:mod:`hf_gam.trainer.card`), when that module is available.
+- ``push_to_hub``, ``_push_from_checkpoint``: a push is retried once after a transient failure, and a failed
+  background push (``hub_strategy``) is logged and raised at the final push (:mod:`hf_gam.trainer.hub`).
 - ``_load_from_checkpoint``, ``_load_best_model``: checkpoint weights restored strictly through the model's key
   conversion (:mod:`hf_gam.trainer.checkpoints`).
 - ``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``: also write and read ``gam_state.json`` (the
@@ -38,6 +40,7 @@ from transformers.utils import logging
 
 from .guards import (enabled_fsdp_version, refuse_data_parallel, refuse_regional_compilation,
                      refuse_sharded_engines, uncompiled)
+from .hub import BackgroundPushes, final_push
 from ..core.directions import MODES
 from .integrations import integration_for
 from .losses import classifier_config, fits_head, problem_type, summed_head_loss
@@ -73,6 +76,7 @@ class GAMTrainer(Trainer):
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=enabled_fsdp_version(self))
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
         refuse_data_parallel(args)
+        self._hub_pushes = BackgroundPushes()
         self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
         self._gam_sums: Tensor | None = None  # [Σ, count] of each LOGGED figure since the last log
@@ -300,16 +304,16 @@ class GAMTrainer(Trainer):
             return super().create_model_card(**own_card)
         if not self.is_world_process_zero():
             return
-        from .card import adapter_facts, render_model_card, training_results_table
+        from .card import adapter_facts, render_model_card, resolves_on_hub, training_results_table
 
         if results is None:
             evals = [h for h in self.state.log_history if any(k.startswith("eval_") for k in h)]
             results = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
         model = self.accelerator.unwrap_model(self.model)
-        adapter = adapter_facts(model)
-        if finetuned_from is None:
-            finetuned_from = (adapter or {}).get("base_model") or getattr(
-                getattr(model, "config", None), "_name_or_path", None)
+        adapter = adapter_facts(model, is_base=resolves_on_hub)
+        if finetuned_from is None:  # inferred from the model, not named by the user: linked only if the Hub knows it
+            inferred = getattr(getattr(model, "config", None), "_name_or_path", None)
+            finetuned_from = adapter["base_model"] if adapter else inferred if resolves_on_hub(inferred) else None
         names = [dataset] if isinstance(dataset, str) else list(dataset or [])
         tags_list = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
         card = render_model_card(
@@ -320,6 +324,22 @@ class GAMTrainer(Trainer):
             dataset_args=dataset_args[0] if isinstance(dataset_args, (list, tuple)) and dataset_args else dataset_args,
             adapter=adapter, training_results=training_results_table(self.state.log_history))
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    # --------------------------------------------------------------------------------------------- Hub
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """``Trainer.push_to_hub`` through :func:`hf_gam.trainer.hub.final_push`: run once more after a transient
+        failure, then :class:`~hf_gam.errors.HubPushError` if a ``hub_strategy`` push during training failed."""
+        stock = super().push_to_hub
+        return final_push(lambda: stock(commit_message, blocking, token, revision, private, **dict(kwargs)),
+                          self._hub_pushes, self.hub_model_id or self.args.hub_model_id, blocking)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The stock background push of a save (``hub_strategy``), its futures watched: a failure is logged with
+        the step and the repo when it happens, and raised by the final :meth:`push_to_hub`."""
+        super()._push_from_checkpoint(checkpoint_folder)
+        if getattr(self, "push_in_progress", None) is not None:
+            self._hub_pushes.watch(self.push_in_progress.jobs, self.state.global_step, self.hub_model_id)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
