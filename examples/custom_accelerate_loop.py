@@ -34,7 +34,7 @@ from hf_gam.core.directions import MODES, GAMHyper
 from hf_gam.cli.models import ModelArguments, load_model
 from hf_gam.cli.common import exit_process
 from hf_gam.core.oracles import MicroBatchOracle
-from hf_gam.core.step import apply_direction_step
+from hf_gam.core.step import apply_direction_step, loss_scale_of
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +54,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     return p.parse_args(argv)
+
+
+def train_step(accelerator: Accelerator, model, params, optimizer, hyper: GAMHyper, loss_fn) -> dict:
+    """One optimizer step: the mode's passes (under ``no_sync``: the oracle's direction is averaged over processes
+    once), ``p.grad = S·d`` and the prepared optimizer's step. ``S`` is the fp16 GradScaler's scale when accelerate
+    made one (``mixed_precision="fp16"`` on a GPU): the prepared optimizer unscales ``p.grad`` by it and skips the
+    step on overflow, so the gradients must carry it (without it every update would be ``S`` times too small)."""
+    oracle = MicroBatchOracle(model, params, loss_fn, loss_scale=loss_scale_of(accelerator.scaler, params[0].device),
+                              pass_context=lambda: accelerator.no_sync(model))
+    # passes (BatchNorm clean-up, non-finite fallback included), p.grad = S·d, averaged over processes
+    stats = apply_direction_step(hyper, params, oracle, average_over_processes=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
 
 
 def main(argv=None) -> float:
@@ -83,12 +97,8 @@ def main(argv=None) -> float:
             def loss_fn(batch=batch):  # mean loss of this batch at the current weights
                 return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
 
-            oracle = MicroBatchOracle(model, params, loss_fn, pass_context=lambda: accelerator.no_sync(model))
-            # passes (BatchNorm clean-up, non-finite fallback included), p.grad = d, averaged over processes
-            stats = apply_direction_step(hyper, params, oracle, average_over_processes=True)
-            optimizer.step()
+            stats = train_step(accelerator, model, params, optimizer, hyper, loss_fn)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % 10 == 0 or step == total:
                 accelerator.print(f"step {step}/{total} loss {stats['loss'].item():.4f} "

@@ -167,7 +167,8 @@ def _ascend(params: Sequence[Tensor], v: list[Tensor], r: float, eps: float, ada
 def plain_direction(grad_fn: GradFn):
     """No perturbation (mode ``none``): ``d = g(θ)``. One pass."""
     loss, g = grad_fn()
-    return g, {"loss": loss, "grad_norm": functional.global_norm(g)}
+    norm = functional.global_norm(g)  # also ‖d‖: the finiteness check reads it (no second norm, no collective)
+    return g, {"loss": loss, "grad_norm": norm, "direction_norm": norm}
 
 
 def sam_direction(params: Sequence[Tensor], grad_fn: GradFn, *, rho: float, eps: float, adaptive: bool = False):

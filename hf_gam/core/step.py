@@ -32,7 +32,8 @@ def accumulate_grads_(params: list[Tensor], d: list[Tensor], weight: Tensor | fl
     ``adamw_torch_fused``) would read as if it were the parameter's, stepping the wrong elements.
     FSDP2: ``d`` holds local shards; a new ``p.grad`` is the DTensor around them (no copy)."""
     with torch.no_grad():
-        torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
+        if not (isinstance(weight, (int, float)) and weight == 1):  # a weight of 1: no parameter-sized pass
+            torch._foreach_mul_(d, torch.as_tensor(weight).to(d[0].device, d[0].dtype))
         have = [i for i, p in enumerate(params) if p.grad is not None and reached[i]]
         if have:
             torch._foreach_add_([local_view(params[i].grad) for i in have], [d[i] for i in have])
@@ -96,9 +97,9 @@ def _checked_direction(hyper: GAMHyper, params: list[Tensor], oracle: WindowOrac
         return d, stats
     if oracle.loss_scale is not None:
         oracle.close(failed=True)
-        d = [torch.zeros_like(p) for p in params]
-        d[0].fill_(float("inf"))
-        return d, {"overflow": torch.ones(()), "loss": torch.tensor(float("nan"))}
+        # inf in every tensor: the scaler must see it through whichever parameters the loss reached
+        d = [torch.full_like(p, float("inf")) for p in params]
+        return d, {"overflow": torch.ones(()), "loss": stats["loss"]}  # the clean pass's loss, as computed
     if not clean_ok:
         oracle.close(failed=True)
         raise FloatingPointError(

@@ -15,8 +15,8 @@ from ..core.directions import MODES
 from ..core.oracles import SHARDED_HVP_REASON, SHARDED_LOCAL_REASON
 from .config import GAMConfig, with_gam
 
-__all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "enabled_fsdp_version",
-           "uncompiled"]
+__all__ = ["as_gam_config", "refuse_regional_compilation", "refuse_sharded_engines", "refuse_data_parallel",
+           "enabled_fsdp_version", "uncompiled"]
 
 logger = logging.get_logger(__name__)
 
@@ -90,6 +90,16 @@ def refuse_sharded_engines(args: GAMConfig, *, deepspeed: bool, fsdp_version: in
     if args.gam_perturbation != "global":
         raise ValueError(f"gam_perturbation={args.gam_perturbation!r} does not run under FSDP2: "
                          f"{SHARDED_LOCAL_REASON}. Set gam_perturbation='global' (every pass over the global batch).")
+
+
+def refuse_data_parallel(args: GAMConfig) -> None:
+    """One process that sees several GPUs: the Trainer wraps the model in ``torch.nn.DataParallel``, gathers one loss
+    per GPU and splits ``num_items_in_batch`` per GPU, so the passes (one scalar loss of the micro-batch) cannot run;
+    refused before any compute (``gam_mode='none'`` is the stock step and runs)."""
+    if args.gam_mode != "none" and args.n_gpu > 1:
+        raise ValueError(f"gam_mode={args.gam_mode!r} does not run under torch.nn.DataParallel (one process seeing "
+                         f"n_gpu={args.n_gpu} GPUs): launch one process per GPU (torchrun --nproc_per_node "
+                         f"{args.n_gpu} or accelerate launch: DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0).")
 
 
 def enabled_fsdp_version(trainer) -> int | None:

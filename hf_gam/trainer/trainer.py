@@ -42,7 +42,8 @@ from transformers.utils import logging
 
 from ..atomic import atomic_save
 from .durable import DurableTrainerMixin
-from .guards import enabled_fsdp_version, refuse_regional_compilation, refuse_sharded_engines, uncompiled
+from .guards import (enabled_fsdp_version, refuse_data_parallel, refuse_regional_compilation,
+                     refuse_sharded_engines, uncompiled)
 from .hub import BackgroundPushes, final_push
 from ..core.directions import MODES
 from .integrations import integration_for
@@ -77,6 +78,7 @@ class GAMTrainer(DurableTrainerMixin, Trainer):
         super().__init__(*bound.args, **bound.kwargs)
         refuse_sharded_engines(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=enabled_fsdp_version(self))
         refuse_regional_compilation(args, getattr(self.accelerator.state, "dynamo_plugin", None))
+        refuse_data_parallel(args)
         self._hub_pushes = BackgroundPushes()
         self.gam_spec = MODES[args.gam_mode]  # the mode's registry entry, looked up once
         self.gam_counters = {"nonfinite_fallbacks": 0, "overflow_steps": 0}
