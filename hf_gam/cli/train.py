@@ -134,6 +134,40 @@ def _eval_subset(data, seed: int) -> dict[str, str]:
                            f"random (--max_eval_samples, seed {seed}), not on the whole split"}
 
 
+def _evaluate_and_save(trainer, data, eval_tf, args) -> tuple[dict[str, float], dict[str, float]]:
+    """Evaluate on the validation part (when carved) and the evaluation split, save metrics, the trainer state and
+    (unless pushing, which saves it) the model; ``(all metrics, the evaluation split's)``."""
+    from ..data import with_transform
+
+    metrics: dict[str, float] = {}
+    if data.validation is not None:
+        val = trainer.evaluate(metric_key_prefix="validation")
+        trainer.log_metrics("validation", val)
+        trainer.save_metrics("validation", val)
+        metrics.update(val)
+    test = trainer.evaluate(with_transform(data.eval, eval_tf), metric_key_prefix="eval")
+    trainer.log_metrics("eval", test)
+    trainer.save_metrics("eval", test)
+    metrics.update(test)
+    trainer.save_state()
+    if not args.push_to_hub:
+        trainer.save_model()
+    return metrics, test
+
+
+def _flatness_at_end(trainer, data, eval_tf, run_args, args) -> dict | None:
+    """``--flatness_at_end``: the final model's flatness on the first training batches (eval transforms), written
+    to ``output_dir/flatness`` by the main process; ``None`` on the others."""
+    if not trainer.is_world_process_zero():
+        return None
+    from ..flatness import run_flatness
+
+    batches = eval_batches(data.train, eval_tf, run_args.flatness_batches, args.per_device_train_batch_size)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return run_flatness(model, [{k: v.to(args.device) for k, v in b.items()} for b in batches],
+                        os.path.join(args.output_dir, "flatness"), **run_args.flatness.to_settings())
+
+
 def train(model_args, data_args, run_args, args) -> dict[str, float]:
     """Load, train, evaluate, save (weights, config, image processor, metrics, model card) and optionally push."""
     from ..data import build_transforms, collate, load_image_data, with_transform
@@ -167,28 +201,9 @@ def train(model_args, data_args, run_args, args) -> dict[str, float]:
                         f"{args.output_dir}; run the same command again to resume from it")
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
-    metrics: dict[str, float] = {}
-    if data.validation is not None:
-        val = trainer.evaluate(metric_key_prefix="validation")
-        trainer.log_metrics("validation", val)
-        trainer.save_metrics("validation", val)
-        metrics.update(val)
-    test = trainer.evaluate(with_transform(data.eval, eval_tf), metric_key_prefix="eval")
-    trainer.log_metrics("eval", test)
-    trainer.save_metrics("eval", test)
-    metrics.update(test)
-    trainer.save_state()
-    if not args.push_to_hub:
-        trainer.save_model()
-
-    flat = None
-    if run_args.flatness_at_end and trainer.is_world_process_zero():
-        from ..flatness import run_flatness
-
-        batches = eval_batches(data.train, eval_tf, run_args.flatness_batches, args.per_device_train_batch_size)
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        flat = run_flatness(model, [{k: v.to(args.device) for k, v in b.items()} for b in batches],
-                            os.path.join(args.output_dir, "flatness"), **run_args.flatness.to_settings())
+    metrics, test = _evaluate_and_save(trainer, data, eval_tf, args)
+    flat = _flatness_at_end(trainer, data, eval_tf, run_args, args) if run_args.flatness_at_end else None
+    if flat is not None:
         metrics.update({f"flatness_{k}": flat[k] for k in ("lambda_max", "hessian_trace", "first_order_flatness",
                                                            "zeroth_order_flatness") if k in flat})
 
