@@ -3,7 +3,7 @@
     python benchmarks/fsdp_memory.py            # launches torchrun --nproc_per_node 2 itself; ~1 CPU-minute
     python benchmarks/fsdp_memory.py --quick    # a small model (the smoke test)
 
-The model is the CPU benchmarks' MLP with eight equal 512-wide layers (2x16x16 -> 512 x 8 -> 10, 2.1M float32
+The model is hf_gam.testing's TinyMLP (the CPU benchmarks' MLP) with eight equal 512-wide layers (2x16x16 -> 512 x 8 -> 10, 2.1M float32
 parameters, batch 8 per process: parameter-dominated, and no layer dominates, so FSDP2's transient all-gathered
 layer is 1/8 of the model), sharded per Linear layer plus the root under FSDP2, wrapped whole in DDP otherwise; base
 optimizer AdamW (two state buffers per parameter). Reported per process, after 2 steps:
@@ -48,16 +48,17 @@ def measure(wrapper: str, mode: str, x, y, size: str) -> dict:
     bytes held after them and the buffers held across the second step's passes."""
     import torch
     import torch.nn.functional as F
-    from _common import MLP, MLPConfig, live_tensor_bytes
+    from _common import live_tensor_bytes
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from hf_gam.optim import GAM
+    from hf_gam.testing import TinyMLP, TinyMLPConfig
 
     torch.manual_seed(0)
-    model = MLP(MLPConfig(in_dim=x[0].numel(), hidden=HIDDEN[size]))
+    model = TinyMLP(TinyMLPConfig(in_dim=x[0].numel(), hidden=HIDDEN[size], num_labels=10))
     if wrapper == "fsdp2":
-        for layer in [*model.body, model.head]:
+        for layer in [model.fc1, *model.hidden_layers, model.fc2]:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer)
         fully_shard(model)

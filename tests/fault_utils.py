@@ -113,4 +113,6 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def step_of(line: str, word: str = "STEP") -> int | None:
     parts = line.split()
-    return int(parts[-1]) if len(parts) >= 2 and parts[-2].endswith(word) else None
+    if len(parts) >= 2 and parts[-2].endswith(word) and parts[-1].isdigit():
+        return int(parts[-1])
+    return None

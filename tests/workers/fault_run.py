@@ -34,7 +34,10 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def say(*words) -> None:
-    print(*words, flush=True)
+    """One marker line in one ``write`` (atomic on a pipe): the ranks share torchrun's stdout, and ``print`` with
+    ``PYTHONUNBUFFERED=1`` (as in CI) writes each word on its own, so two ranks' words could interleave."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (" ".join(map(str, words)) + "\n").encode())
 
 
 class Progress(TrainerCallback):
